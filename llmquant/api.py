@@ -1,0 +1,177 @@
+"""The library entry points: `quantize` a float checkpoint into a packed one, `load` it back."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .formats.atomic import check_destination
+from .formats.hf import gptq_config, load_quantized, read_quantization_config, save_gptq
+from .models.loader import load_float_model, resolve_model
+from .nn.qlinear import QuantLinear
+from .quant.grid import SUPPORTED_BITS, QuantSpec
+from .quant.rtn import rtn
+from .runner import run_layers
+
+METHODS = ("rtn", "gptq", "awq")
+FORMATS = ("gptq", "awq", "gguf")
+IMPLEMENTED = {"methods": ("rtn",), "formats": ("gptq",)}
+
+
+@dataclass
+class QuantConfig:
+    method: str = "rtn"
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    clip: str = "minmax"
+    format: str = "gptq"
+    calib: str | None = None  # rtn needs none
+    n_samples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
+        if self.format not in FORMATS:
+            raise UserError(f"unknown format '{self.format}'; choose one of {', '.join(FORMATS)}")
+        if self.method not in IMPLEMENTED["methods"]:
+            raise UserError(f"method '{self.method}' is not available yet in this version (available: rtn)")
+        if self.format not in IMPLEMENTED["formats"]:
+            raise UserError(f"format '{self.format}' is not available yet in this version (available: gptq)")
+        if self.bits not in SUPPORTED_BITS:
+            raise UserError(f"the {self.format} format stores {', '.join(map(str, SUPPORTED_BITS))} bits, "
+                            f"not {self.bits}")
+        if self.group_size != -1 and self.group_size < 1:
+            raise UserError(f"group size must be positive or -1 (per channel), not {self.group_size}")
+        if not 1 <= self.n_samples <= 4096:
+            raise UserError(f"--n-samples must be between 1 and 4096, not {self.n_samples}")
+        if self.seqlen < 1:
+            raise UserError(f"--seqlen must be positive, not {self.seqlen}")
+        if self.clip not in ("minmax", "mse"):
+            raise UserError(f"--clip must be minmax or mse, not {self.clip}")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise UserError(f"--device must be cpu or cuda, not {self.device}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for, but no CUDA GPU is available")
+
+    def spec(self) -> QuantSpec:
+        # the gptq (v1) layout stores zero - 1, so an asymmetric zero of 0 cannot be written
+        return QuantSpec(self.bits, self.group_size, self.sym, self.clip, min_zero=0 if self.sym else 1)
+
+
+class RTNSolver:
+    calibrated = False
+
+    def __init__(self, spec: QuantSpec):
+        self.spec = spec
+
+    def observer(self, name, linear):
+        raise NotImplementedError("RTN observes nothing")
+
+    def quantize(self, name, linear, observer):
+        return rtn(linear.weight, self.spec)
+
+
+@dataclass
+class QuantReport:
+    out: str
+    method: str
+    bits: int
+    group_size: int
+    sym: bool
+    seconds: float
+    size_bytes: int
+    bpw: float
+    quantized_linears: int
+    skipped: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def packable(linear: torch.nn.Linear, bits: int) -> bool:
+    """The gptq layout needs whole int32 words along both dimensions."""
+    return linear.in_features * bits % 32 == 0 and linear.out_features * bits % 32 == 0
+
+
+def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: bool = False,
+             progress: bool = True) -> QuantReport:
+    """Quantize a float checkpoint (directory, Hub id or 'demo') and write the packed result to `out`."""
+    from .formats.hf import describe
+
+    config.validate()
+    out = Path(out)
+    check_destination(out, force)
+    start = time.perf_counter()
+    float_model, tokenizer, adapter, source = load_float_model(model)
+    spec = config.spec()
+    solver = RTNSolver(spec)
+    targets, skipped = set(), []
+    for index, block in enumerate(adapter.blocks(float_model)):
+        for name in adapter.linears():
+            full = adapter.block_prefix(index) + name
+            (targets.add(full) if packable(block.get_submodule(name), spec.bits) else skipped.append(full))
+    if skipped:
+        warnings.warn(f"{len(skipped)} linears have widths the {config.format} layout cannot pack at "
+                      f"{spec.bits} bits and stay in float (first: {skipped[0]})")
+    samples = None
+    if solver.calibrated:
+        from .calibration import load_samples
+
+        seqlen = min(config.seqlen, getattr(float_model.config, "max_position_embeddings", config.seqlen))
+        samples = load_samples(config.calib or "wikitext2", tokenizer, config.n_samples, seqlen, config.seed,
+                               model=float_model)
+    quantized = run_layers(float_model, adapter, solver, targets, samples, config.device, progress=progress)
+    qconfig = gptq_config(spec.bits, spec.group_size, spec.sym, method=config.method, skipped=skipped,
+                          clip=spec.clip, source=str(model))
+    save_gptq(out, float_model, quantized, source, qconfig, force=force)
+    info = describe(out)
+    return QuantReport(str(out), config.method, spec.bits, spec.group_size, spec.sym,
+                       time.perf_counter() - start, info["size_bytes"], info["bpw"], len(quantized), skipped)
+
+
+def is_quantized(path: Path) -> bool:
+    import json
+
+    try:
+        return "quantization_config" in json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def load(path: str | Path, device: str = "cpu"):
+    """A packed checkpoint as a transformers model with QuantLinear modules."""
+    path = resolve_model(path)
+    read_quantization_config(path)
+    return load_quantized(path, device)
+
+
+def load_any(path: str | Path, device: str = "cpu"):
+    """(model, tokenizer) for a packed or a float checkpoint, ready for inference on `device`.
+
+    On the CPU the float parameters are computed in float32 (bfloat16 matmuls there are slow and
+    round more) and quantized layers keep their dequantized weight. Packed tensors keep their types.
+    """
+    from transformers import AutoTokenizer
+
+    local = resolve_model(path)
+    if is_quantized(local):
+        model, tokenizer = load_quantized(local, device), AutoTokenizer.from_pretrained(local)
+    else:
+        model, tokenizer, _, _ = load_float_model(local)
+        model = model.to(device)
+    if torch.device(device).type == "cpu":
+        for param in model.parameters():
+            param.data = param.data.float()
+        for module in model.modules():
+            if isinstance(module, QuantLinear):
+                module.cache_weight = True
+    return model, tokenizer

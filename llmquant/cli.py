@@ -1,0 +1,204 @@
+"""The `llmquant` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from .errors import UserError
+
+EPILOG = "MODEL is a local Hugging Face checkpoint directory, a Hub id (online), or 'demo' (SmolLM2-135M-Instruct)."
+
+
+def _add_eval_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    p.add_argument(f"--{prefix}data", default="wikitext2",
+                   help="evaluation text: a .txt/.jsonl/.parquet file, or a dataset recipe name "
+                        "(wikitext2 = its test split, needs the Hub) (default: wikitext2)")
+    p.add_argument(f"--{prefix}seqlen", type=int, default=1024, help="tokens per window (default: 1024)")
+    p.add_argument(f"--{prefix}windows", type=int, default=32, help="windows scored (default: 32)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmquant", description="Quantize LLM checkpoints and evaluate them.",
+                                     epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    q = sub.add_parser("quantize", help="quantize a float checkpoint into a packed one", epilog=EPILOG,
+                       description="Quantize MODEL layer by layer and write a packed checkpoint to --out.")
+    q.add_argument("model", metavar="MODEL")
+    q.add_argument("--method", default="rtn", help="rtn | gptq | awq (default: rtn)")
+    q.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default: 4)")
+    q.add_argument("--group-size", type=int, default=128,
+                   help="input columns sharing a scale and zero; -1 = per output channel (default: 128)")
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=True,
+                     help="symmetric grid, fixed zero point (default; what Marlin-style kernels need)")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid: better at 2-3 bits")
+    q.add_argument("--clip", default="minmax", help="minmax | mse: search a shrunk range per group (default: minmax)")
+    q.add_argument("--calib", default=None,
+                   help="calibration text for calibrated methods: a .txt/.jsonl/.parquet file, a dataset recipe "
+                        "(wikitext2, c4, pileval; needs the Hub), or 'self' (the model writes its own)")
+    q.add_argument("--n-samples", type=int, default=128, help="calibration samples, 1-4096 (default: 128)")
+    q.add_argument("--seqlen", type=int, default=2048,
+                   help="tokens per calibration sample, capped at the model's context (default: 2048)")
+    q.add_argument("--seed", type=int, default=0, help="seed for sampling calibration windows (default: 0)")
+    q.add_argument("--format", default="gptq", help="gptq | awq | gguf (default: gptq)")
+    q.add_argument("--out", required=True, help="output directory (written atomically)")
+    q.add_argument("--device", default="cpu", help="where blocks are quantized: cpu | cuda (default: cpu)")
+    q.add_argument("--force", action="store_true", help="replace --out if it exists")
+    q.add_argument("--eval", action="store_true", help="after writing, report ppl and KLD against MODEL")
+    _add_eval_args(q, "eval-")
+    q.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+    e = sub.add_parser("eval", help="perplexity (and KLD / top-1 against a base model)", epilog=EPILOG,
+                       description="Score PATH on non-overlapping windows of a text; with --base, also the mean "
+                                   "KL divergence and top-1 agreement against the base model's predictions.")
+    e.add_argument("path", metavar="PATH", help="packed or float checkpoint (or 'demo')")
+    _add_eval_args(e)
+    e.add_argument("--base", metavar="MODEL", help="float model to compare against")
+    e.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+
+    g = sub.add_parser("generate", help="generate text from a packed or float checkpoint")
+    g.add_argument("path", metavar="PATH")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--device", default="cpu")
+
+    i = sub.add_parser("inspect", help="show a packed checkpoint's settings and size")
+    i.add_argument("path", metavar="PATH")
+    i.add_argument("--json", action="store_true")
+
+    sub.add_parser("demo-model", help="build (once) and print the path of the demo model")
+    return parser
+
+
+def _eval_text(data: str) -> str:
+    from .calibration import load_text
+
+    return load_text(data, split="test")
+
+
+def _evaluate(path, data_text, seqlen, windows, base, device):
+    from .api import load_any
+    from .eval import evaluate
+
+    model, tokenizer = load_any(path, device)
+    base_model = load_any(base, device)[0] if base else None
+    return evaluate(model, tokenizer, data_text, seqlen=seqlen, windows=windows, base=base_model)
+
+
+def cmd_quantize(args) -> None:
+    from .api import QuantConfig, quantize
+
+    config = QuantConfig(args.method, args.bits, args.group_size, args.sym, args.clip, args.format, args.calib,
+                         args.n_samples, args.seqlen, args.seed, args.device)
+    config.validate()
+    text = _eval_text(args.eval_data) if args.eval else None  # fail before the long work, not after
+    if args.calib and config.method == "rtn":
+        print("note: rtn uses no calibration data; --calib is ignored", file=sys.stderr)
+    report = quantize(args.model, config, args.out, force=args.force)
+    result = report.to_dict()
+    if args.eval:
+        ev = _evaluate(args.out, text, args.eval_seqlen, args.eval_windows, args.model, args.device)
+        result["eval"] = ev.to_dict()
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"wrote {report.out}: {report.quantized_linears} linears at {report.bits} bits, group "
+          f"{report.group_size}, {'sym' if report.sym else 'asym'}")
+    print(f"  size {report.size_bytes / 2**20:.1f} MiB, {report.bpw:.3f} bits per quantized weight, "
+          f"{report.seconds:.1f} s")
+    if report.skipped:
+        print(f"  left in float ({len(report.skipped)}): {', '.join(report.skipped[:4])}"
+              f"{' ...' if len(report.skipped) > 4 else ''}")
+    if args.eval:
+        ev = result["eval"]
+        print(f"  ppl {ev['ppl']:.4f}, KLD {ev['kld']:.5f}, top-1 {ev['top1']:.4f} "
+              f"({ev['windows']} windows x {args.eval_seqlen} tokens)")
+
+
+def cmd_eval(args) -> None:
+    text = _eval_text(args.data)
+    result = _evaluate(args.path, text, args.seqlen, args.windows, args.base, args.device)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return
+    line = f"ppl {result.ppl:.4f} over {result.tokens} tokens ({result.windows} windows of {args.seqlen})"
+    if result.kld is not None:
+        line += f"; KLD {result.kld:.5f}, top-1 agreement {result.top1:.4f}"
+    print(line)
+
+
+def cmd_generate(args) -> None:
+    import torch
+    from transformers import TextStreamer
+
+    from .api import load_any
+
+    model, tokenizer = load_any(args.path, args.device)
+    if args.chat:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    ids = ids.to(args.device)
+    streamer = TextStreamer(tokenizer, skip_prompt=args.chat, skip_special_tokens=True)
+    sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens, streamer=streamer,
+                             pad_token_id=tokenizer.eos_token_id, **sampling)
+    seconds = time.perf_counter() - start
+    new = out.shape[1] - ids.shape[1]
+    print(f"[{new} tokens in {seconds:.2f} s, {new / seconds:.1f} tokens/s]", file=sys.stderr)
+
+
+def cmd_inspect(args) -> None:
+    from .formats.hf import describe
+    from .models.loader import resolve_model
+
+    info = describe(resolve_model(args.path))
+    if args.json:
+        print(json.dumps(info))
+        return
+    print(f"{info['path']}: {info['quant_method']} {info['bits']}-bit, group {info['group_size']}, "
+          f"{'sym' if info['sym'] else 'asym'}, desc_act={info['desc_act']}")
+    print(f"  {info['quantized_linears']} quantized linears, {info['quantized_weights']:,} weights, "
+          f"{info['bpw']:.3f} bits per quantized weight")
+    print(f"  {info['tensors']} tensors in {info['files']} file(s), {info['size_bytes'] / 2**20:.1f} MiB")
+    if info["meta"]:
+        print(f"  meta: {json.dumps(info['meta'])}")
+
+
+def cmd_demo_model(args) -> None:
+    from .models.demo import demo_model_path
+
+    print(demo_model_path())
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "inspect": cmd_inspect,
+            "demo-model": cmd_demo_model}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        COMMANDS[args.command](args)
+    except UserError as err:
+        print(f"llmquant: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llmquant: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

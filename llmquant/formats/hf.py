@@ -1,0 +1,214 @@
+"""Packed safetensors checkpoints in the gptq layout, and their reader.
+
+The folder is what transformers, vLLM and GPTQModel expect of a gptq ("v1") checkpoint:
+config.json with `quantization_config`, quantize_config.json, weights as (sharded) safetensors,
+tokenizer and generation config copied from the source model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .. import __version__
+from ..errors import UserError
+from ..nn.qlinear import QuantLinear
+from ..quant.grid import SUPPORTED_BITS, QuantizedWeight
+from .atomic import atomic_directory
+from .pack import pack_gptq
+
+PACKED = ("qweight", "qzeros", "scales", "g_idx")
+COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+          "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
+
+
+def gptq_config(bits: int, group_size: int, sym: bool, desc_act: bool = False, method: str = "rtn",
+                skipped: list[str] = (), **meta) -> dict:
+    """The `quantization_config` of a gptq checkpoint (also written as quantize_config.json)."""
+    config = {
+        "quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym,
+        "static_groups": False, "true_sequential": True, "damp_percent": meta.pop("damp_percent", 0.01),
+        "checkpoint_format": "gptq", "pack_dtype": "int32", "lm_head": False,
+        "meta": {"quantizer": [f"llmquant:{__version__}"], "method": method, **meta},
+    }
+    if skipped:  # GPTQModel's per-module override: a leading "-:" leaves the module in float
+        config["dynamic"] = {f"-:^{re.escape(name)}$": {} for name in skipped}
+    return config
+
+
+def _unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict without the second name of tied tensors (safetensors stores each tensor once)."""
+    seen, out = set(), {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor
+    return out
+
+
+def save_gptq(out_dir: Path, model: torch.nn.Module, quantized: dict[str, QuantizedWeight], source_dir: Path,
+              quantization_config: dict, force: bool = False, max_shard_size: str | int = "4GB") -> Path:
+    """Write the model with its quantized linears packed, atomically (see atomic.py)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    tensors = _unique_state_dict(model)
+    for name, qw in quantized.items():
+        tensors.pop(f"{name}.weight")
+        tensors.update({f"{name}.{k}": v for k, v in pack_gptq(qw).items()})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
+    config = model.config.to_dict()
+    config["quantization_config"] = quantization_config
+    with atomic_directory(Path(out_dir), force) as tmp:
+        for filename, names in split.filename_to_tensors.items():
+            save_file({n: tensors[n] for n in names}, tmp / filename, metadata={"format": "pt"})
+        if split.is_sharded:
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                     "weight_map": split.tensor_to_filename}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        (tmp / "quantize_config.json").write_text(json.dumps(quantization_config, indent=2))
+        for name in COPIED:
+            if (Path(source_dir) / name).is_file():
+                shutil.copy2(Path(source_dir) / name, tmp / name)
+    return Path(out_dir)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+def read_quantization_config(path: Path) -> dict:
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read {Path(path) / 'config.json'}: {err}") from None
+    q = config.get("quantization_config")
+    if not isinstance(q, dict):
+        raise UserError(f"{path} is not a quantized checkpoint (config.json has no quantization_config)")
+    method = q.get("quant_method")
+    if method != "gptq":
+        raise UserError(f"{path}: quant_method '{method}' is not readable here (supported: gptq)")
+    if q.get("checkpoint_format", "gptq") != "gptq":
+        raise UserError(f"{path}: checkpoint_format '{q['checkpoint_format']}' is not supported (gptq)")
+    bits, group = q.get("bits", q.get("w_bit")), q.get("group_size", q.get("q_group_size"))
+    if bits not in SUPPORTED_BITS or not isinstance(group, int) or not (group == -1 or group > 0):
+        raise UserError(f"{path}: unsupported quantization_config bits={bits} group_size={group}")
+    return {**q, "bits": bits, "group_size": group}
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint (from its index when sharded), checked to lie inside it."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, json.JSONDecodeError, KeyError, AttributeError) as err:
+            raise UserError(f"cannot read {index}: {err}") from None
+    else:
+        names = [p.name for p in sorted(path.glob("*.safetensors"))]
+    files = [path / n for n in names]
+    if not files:
+        raise UserError(f"no .safetensors weights in {path}")
+    for f in files:
+        if f.resolve().parent != path.resolve() or not f.is_file():
+            raise UserError(f"{path}: weight file '{f.name}' is missing or outside the checkpoint")
+    return files
+
+
+def _headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    shapes = {}
+    for f in files:
+        try:
+            with safe_open(f, "pt") as handle:
+                for name in handle.keys():
+                    shapes[name] = (f, tuple(handle.get_slice(name).get_shape()))
+        except Exception as err:  # safetensors validates the header; anything wrong is a bad file
+            raise UserError(f"{f}: not a valid safetensors file ({err})") from None
+    return shapes
+
+
+def _expected_shapes(in_f: int, out_f: int, bits: int, group_size: int) -> dict[str, tuple[int, ...]]:
+    groups = 1 if group_size == -1 else math.ceil(in_f / group_size)
+    return {"qweight": (in_f * bits // 32, out_f), "qzeros": (groups, out_f * bits // 32),
+            "scales": (groups, out_f), "g_idx": (in_f,)}
+
+
+def load_quantized(path: Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A transformers model whose quantized linears are QuantLinear modules holding the packed tensors."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    q = read_quantization_config(path)
+    headers = _headers(weight_files(path))
+    config = AutoConfig.from_pretrained(path)
+    del config.quantization_config
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=config.dtype or torch.float32)
+    for name in sorted({n.rsplit(".", 1)[0] for n in headers if n.endswith(".qweight")}):
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise UserError(f"{path}: packed tensor '{name}.qweight' names no module of this model") from None
+        expected = _expected_shapes(linear.in_features, linear.out_features, q["bits"], q["group_size"])
+        for field, shape in expected.items():
+            found = headers.get(f"{name}.{field}", (None, None))[1]
+            if found != shape:
+                raise UserError(f"{path}: '{name}.{field}' has shape {found}, expected {shape}")
+        with torch.device("meta"):
+            layer = QuantLinear(linear.in_features, linear.out_features, q["bits"], q["group_size"],
+                                q.get("sym", True), linear.bias is not None, linear.weight.dtype)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+    expected = dict(model.state_dict())
+    unknown = sorted(set(headers) - set(expected))
+    if unknown:
+        raise UserError(f"{path}: tensor '{unknown[0]}' belongs to no module of this model")
+    for name, (f, shape) in headers.items():
+        if tuple(expected[name].shape) != shape:
+            raise UserError(f"{path}: '{name}' has shape {shape}, expected {tuple(expected[name].shape)}")
+    by_file: dict[Path, list[str]] = {}
+    for name, (f, _) in headers.items():
+        by_file.setdefault(f, []).append(name)
+    for f, names in by_file.items():
+        with safe_open(f, "pt") as handle:
+            for name in names:
+                set_module_tensor_to_device(model, name, device, value=handle.get_tensor(name))
+    model.tie_weights()
+    missing = [n for n, t in model.state_dict().items() if t.is_meta]
+    if missing:
+        raise UserError(f"{path}: checkpoint lacks tensor '{missing[0]}'")
+    model.config.quantization_config = q
+    return model.to(device).eval()
+
+
+def describe(path: Path) -> dict:
+    """Summary for `llmquant inspect`: settings, sizes, bits per quantized weight."""
+    q = read_quantization_config(path)
+    files = weight_files(path)
+    headers = _headers(files)
+    quant_bytes = weights = 0
+    for name in {n.rsplit(".", 1)[0] for n in headers if n.endswith(".qweight")}:
+        with safe_open(headers[f"{name}.qweight"][0], "pt") as handle:
+            for field in PACKED:
+                t = handle.get_slice(f"{name}.{field}")
+                quant_bytes += math.prod(t.get_shape()) * (2 if t.get_dtype() in ("F16", "BF16") else 4)
+        in_f = headers[f"{name}.g_idx"][1][0]
+        weights += in_f * headers[f"{name}.qweight"][1][1]
+    return {
+        "path": str(path), "quant_method": q["quant_method"], "bits": q["bits"], "group_size": q["group_size"],
+        "sym": q.get("sym"), "desc_act": q.get("desc_act"), "files": len(files),
+        "size_bytes": sum(f.stat().st_size for f in files), "tensors": len(headers),
+        "quantized_linears": sum(n.endswith(".qweight") for n in headers), "quantized_weights": weights,
+        "bpw": 8 * quant_bytes / weights if weights else None, "meta": q.get("meta", {}),
+    }

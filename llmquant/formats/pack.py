@@ -1,0 +1,76 @@
+"""Bit packing of integer codes into int32 words, vectorized (no loops over rows or columns).
+
+Every layout here is a little-endian bit stream: along the packed dimension, code j occupies
+bits [bits*j, bits*j + bits) of a stream cut into 32-bit words. For 2/4/8 bits a word holds
+32/bits whole codes; for 3 bits, 32 codes fill 3 words and two codes straddle word boundaries
+(the "10-1-10-1-10" pattern of the gptq layout).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..quant.grid import QuantizedWeight
+
+
+
+def _word_shifts(per: int, bits: int, dim: int, device) -> torch.Tensor:
+    """Bit offsets of the codes in a word, shaped to broadcast along a per-word axis after `dim` (2-D)."""
+    shifts = torch.arange(per, device=device, dtype=torch.int32) * bits
+    return shifts.view(per, *([1] * (1 - dim)))
+
+
+def pack_int32(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Pack a 2-D tensor of codes in [0, 2^bits) into int32 words along `dim` (0 or 1)."""
+    n = codes.shape[dim]
+    if n * bits % 32:
+        raise ValueError(f"cannot pack {n} {bits}-bit codes into whole 32-bit words")
+    x = codes.to(torch.int64)
+    if 32 % bits == 0:  # whole codes per word: shift each into place and add
+        per = 32 // bits
+        x = x.unflatten(dim, (n // per, per))
+        packed = (x << _word_shifts(per, bits, dim, x.device)).sum(dim + 1)
+    else:  # 3 bits: codes straddle words, go through the little-endian bit stream
+        shifts = torch.arange(bits, device=x.device)
+        stream = ((x.movedim(dim, -1)[..., None] >> shifts) & 1).flatten(-2).unflatten(-1, (-1, 32))
+        packed = (stream << torch.arange(32, device=x.device)).sum(-1).movedim(-1, dim)
+    return (packed - ((packed >= 1 << 31).to(torch.int64) << 32)).to(torch.int32).contiguous()
+
+
+def unpack_int32(words: torch.Tensor, bits: int, dim: int, n: int | None = None) -> torch.Tensor:
+    """Codes (uint8) from int32 words packed along `dim` (0 or 1); n is the unpacked length."""
+    length = words.shape[dim] * 32 // bits
+    n = length if n is None else n
+    mask = (1 << bits) - 1
+    if 32 % bits == 0:
+        per = 32 // bits
+        shifts = _word_shifts(per, bits, dim, words.device)
+        codes = ((words.unsqueeze(dim + 1) >> shifts) & mask).flatten(dim, dim + 1)
+    else:
+        pos = torch.arange(32, device=words.device, dtype=torch.int32)
+        stream = ((words.movedim(dim, -1)[..., None] >> pos) & 1).flatten(-2).unflatten(-1, (-1, bits))
+        codes = (stream << torch.arange(bits, device=words.device, dtype=torch.int32)).sum(-1).movedim(-1, dim)
+    return codes.narrow(dim, 0, n).to(torch.uint8).contiguous()
+
+
+def pack_gptq(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """The gptq (v1) tensors of one linear: codes packed along the input dimension, zeros stored
+    as zero - 1 and packed along the output dimension, scales float16 [groups, out]."""
+    maxq = (1 << qw.bits) - 1
+    stored = (qw.zeros - 1) & maxq
+    return {
+        "qweight": pack_int32(qw.codes.T, qw.bits, dim=0),
+        "qzeros": pack_int32(stored.T, qw.bits, dim=1),
+        "scales": qw.scales.T.to(torch.float16).contiguous(),
+        "g_idx": qw.g_idx.to(torch.int32).contiguous(),
+    }
+
+
+def unpack_gptq(tensors: dict[str, torch.Tensor], bits: int, group_size: int, sym: bool) -> QuantizedWeight:
+    """Exact inverse of pack_gptq (zero = stored + 1, the v1 convention)."""
+    out_features = tensors["qweight"].shape[1]
+    in_features = tensors["g_idx"].shape[0]
+    codes = unpack_int32(tensors["qweight"], bits, dim=0, n=in_features).T
+    zeros = unpack_int32(tensors["qzeros"], bits, dim=1, n=out_features).to(torch.int32) + 1
+    return QuantizedWeight(codes.contiguous(), tensors["scales"].float().T.contiguous(), zeros.T.contiguous(),
+                           tensors["g_idx"].to(torch.int32), bits, group_size, sym)

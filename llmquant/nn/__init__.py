@@ -1,0 +1,3 @@
+from .qlinear import QuantLinear
+
+__all__ = ["QuantLinear"]

@@ -1,0 +1,83 @@
+"""QuantLinear: a linear layer that holds its weight packed in the gptq layout.
+
+On CUDA the forward runs the Triton dequant-matmul kernels; on CPU (or when forced with
+LLMQUANT_KERNEL=torch) it dequantizes with torch and multiplies. Both give the same result up to
+floating-point summation order.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..formats.pack import pack_gptq, unpack_gptq
+from ..quant.grid import QuantizedWeight
+
+
+def _kernels():
+    """The Triton kernels, or None where they cannot run (CPU, no triton, or forced off)."""
+    if os.environ.get("LLMQUANT_KERNEL", "auto") == "torch":
+        return None
+    try:
+        from .. import kernels
+    except ImportError:
+        return None
+    return kernels if kernels.available() else None
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, sym: bool,
+                 bias: bool, dtype: torch.dtype = torch.float16):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.sym = bits, group_size, sym
+        groups = 1 if group_size == -1 else math.ceil(in_features / group_size)
+        self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32))
+        self.register_buffer("qzeros", torch.zeros(groups, out_features * bits // 32, dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16))
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+        # CPU inference may keep the dequantized weight (float-model memory, float-model speed)
+        self.cache_weight = False
+        self._cached: tuple[tuple, torch.Tensor] | None = None
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> "QuantLinear":
+        layer = cls(qw.in_features, qw.out_features, qw.bits, qw.group_size, qw.sym, bias is not None,
+                    bias.dtype if bias is not None else torch.float16)
+        for name, tensor in pack_gptq(qw).items():
+            getattr(layer, name).copy_(tensor)
+        if bias is not None:
+            layer.bias.copy_(bias)
+        return layer
+
+    def unpack(self) -> QuantizedWeight:
+        tensors = {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales, "g_idx": self.g_idx}
+        return unpack_gptq(tensors, self.bits, self.group_size, self.sym)
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight [out, in] this layer computes with."""
+        if not self.cache_weight:
+            return self.unpack().dequantize(dtype)
+        key = (dtype, self.qweight.data_ptr(), *(t._version for t in (self.qweight, self.qzeros, self.scales,
+                                                                      self.g_idx)))
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, self.unpack().dequantize(dtype))
+        return self._cached[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernels = _kernels() if x.is_cuda else None
+        if kernels is not None:
+            y = kernels.gptq_matmul(x.reshape(-1, self.in_features), self.qweight, self.qzeros, self.scales,
+                                    self.g_idx, self.bits, self.group_size).reshape(*x.shape[:-1], -1)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantize_weight(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, sym={self.sym}")

@@ -1,0 +1,153 @@
+"""The layer-by-layer runner: one decoder block on the work device at a time.
+
+Captures the inputs of block 0 (hidden states plus the keyword arguments the block needs:
+attention mask, position ids, rotary embeddings), then for each block: moves it to the work
+device, lets the solver observe the inputs of each sequential group of linears, writes the
+quantized weights back, and propagates the samples through the *quantized* block so the next
+block is calibrated on what it will really see. Solver-agnostic: a solver that needs no
+statistics (RTN) costs no forward passes at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .models.adapters import ArchAdapter
+from .quant.grid import QuantizedWeight
+
+
+class Observer(Protocol):
+    def add(self, x: torch.Tensor) -> None: ...
+
+
+class Solver(Protocol):
+    calibrated: bool  # False: quantizes from the weight alone, no forward passes
+
+    def observer(self, name: str, linear: nn.Linear) -> Observer: ...
+
+    def quantize(self, name: str, linear: nn.Linear, observer: Observer | None) -> QuantizedWeight: ...
+
+
+class _Captured(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for block 0: records what the model feeds it, then stops the forward pass."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+        self.hidden: torch.Tensor | None = None
+        self.kwargs: dict | None = None
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise RuntimeError("decoder block received positional arguments beyond hidden_states")
+        self.hidden = hidden_states
+        self.kwargs = kwargs
+        raise _Captured
+
+
+def _move(value, device, dtype):
+    """Tensors (also inside tuples) to the work device; floating ones to the compute dtype."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_move(v, device, dtype) for v in value)
+    return value
+
+
+@dataclass
+class BlockInputs:
+    hidden: torch.Tensor  # [N, L, H] on the work device, compute dtype
+    kwargs: dict  # captured at batch size 1; broadcast over any batch
+
+
+@torch.inference_mode()
+def capture_inputs(model: nn.Module, adapter: ArchAdapter, samples: torch.Tensor, device, dtype) -> BlockInputs:
+    """Run the model up to block 0 for each sample (on the model's own device, cheap: embeddings only)."""
+    blocks = adapter.blocks(model)
+    catcher = _Catcher(blocks[0])
+    blocks[0] = catcher
+    hidden = []
+    try:
+        for i in range(samples.shape[0]):
+            try:
+                model(samples[i:i + 1], use_cache=False)
+            except _Captured:
+                pass
+            hidden.append(catcher.hidden.to(device=device, dtype=dtype))
+    finally:
+        blocks[0] = catcher.block
+    drop = {"past_key_values", "past_key_value", "use_cache", "output_attentions"}
+    kwargs = {k: _move(v, device, dtype) for k, v in catcher.kwargs.items() if k not in drop}
+    return BlockInputs(torch.cat(hidden), kwargs)
+
+
+@torch.inference_mode()
+def forward_block(block: nn.Module, inputs: BlockInputs, batch: int, update: bool) -> None:
+    """Run every sample through the block; with update, the outputs replace the inputs in place."""
+    for start in range(0, inputs.hidden.shape[0], batch):
+        out = block(inputs.hidden[start:start + batch], **inputs.kwargs)
+        if update:
+            inputs.hidden[start:start + batch] = out[0] if isinstance(out, tuple) else out
+
+
+def run_layers(model: nn.Module, adapter: ArchAdapter, solver: Solver, targets: set[str],
+               samples: torch.Tensor | None = None, device: str | torch.device = "cpu",
+               batch_tokens: int = 4096, progress: bool = True) -> dict[str, QuantizedWeight]:
+    """Quantize the linears named in `targets` (full names), block by block; weights are written back
+    dequantized so the model in memory behaves as the packed one will. Returns QuantizedWeights on CPU."""
+    device = torch.device(device)
+    blocks = adapter.blocks(model)
+    model_dtype = next(model.parameters()).dtype
+    compute_dtype = torch.float32 if device.type == "cpu" else model_dtype
+    inputs = None
+    if solver.calibrated:
+        if samples is None:
+            raise ValueError("this solver needs calibration samples")
+        inputs = capture_inputs(model, adapter, samples, device, compute_dtype)
+        batch = max(1, batch_tokens // samples.shape[1])
+    results: dict[str, QuantizedWeight] = {}
+    bar = tqdm(range(len(blocks)), desc="quantizing", unit="block", disable=not progress)
+    for index in bar:
+        block = blocks[index]
+        prefix = adapter.block_prefix(index)
+        block.to(device=device, dtype=compute_dtype)
+        for group in adapter.sequential:
+            names = [n for n in group if prefix + n in targets]
+            if not names:
+                continue
+            linears = {n: block.get_submodule(n) for n in names}
+            observers = {}
+            if solver.calibrated:
+                observers = {n: solver.observer(prefix + n, linears[n]) for n in names}
+                hooks = [linears[n].register_forward_hook(lambda m, args, out, o=observers[n]: o.add(args[0]))
+                         for n in names]
+                try:
+                    forward_block(block, inputs, batch, update=False)
+                finally:
+                    for h in hooks:
+                        h.remove()
+            for n in names:
+                linear = linears[n]
+                qw = solver.quantize(prefix + n, linear, observers.pop(n, None))
+                with torch.no_grad():
+                    linear.weight.copy_(qw.dequantize(compute_dtype).to(linear.weight.device))
+                results[prefix + n] = _to_cpu(qw)
+        if solver.calibrated:
+            forward_block(block, inputs, batch, update=True)
+        block.to(device="cpu", dtype=model_dtype)
+    bar.close()
+    return results
+
+
+def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:
+    return QuantizedWeight(qw.codes.cpu(), qw.scales.cpu(), qw.zeros.cpu(), qw.g_idx.cpu(), qw.bits,
+                           qw.group_size, qw.sym)

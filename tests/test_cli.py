@@ -1,0 +1,112 @@
+import json
+
+import pytest
+import torch
+
+from llmquant.cli import main
+from tiny import make_tiny_model, sample_text
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("llmquant: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "eval.txt"
+    path.write_text(sample_text(6000, seed=1))
+    return path
+
+
+def test_quantize_inspect_eval_generate(tiny_model_dir, tmp_path, text_file, capsys):
+    out = tmp_path / "q"
+    code, stdout, _ = run(capsys, "quantize", tiny_model_dir, "--bits", 4, "--group-size", 32, "--asym",
+                          "--out", out, "--eval", "--eval-data", text_file, "--eval-seqlen", 64,
+                          "--eval-windows", 4, "--json")
+    assert code == 0
+    report = json.loads(stdout)
+    assert report["quantized_linears"] == 14 and report["bits"] == 4 and report["sym"] is False
+    assert 4 < report["bpw"] < 6 and report["eval"]["windows"] == 4
+    assert report["eval"]["kld"] > 0 and 0 < report["eval"]["top1"] <= 1
+
+    code, stdout, _ = run(capsys, "inspect", out, "--json")
+    info = json.loads(stdout)
+    assert code == 0 and info["quantized_linears"] == 14 and info["group_size"] == 32
+
+    code, stdout, _ = run(capsys, "eval", out, "--data", text_file, "--seqlen", 64, "--windows", 4,
+                          "--base", tiny_model_dir, "--json")
+    assert code == 0
+    again = json.loads(stdout)
+    assert again["ppl"] == pytest.approx(report["eval"]["ppl"], rel=1e-6)
+    assert again["kld"] == pytest.approx(report["eval"]["kld"], rel=1e-5)
+
+    code, _, err = run(capsys, "generate", out, "--prompt", "the king", "--max-new-tokens", 5)
+    assert code == 0 and "tokens/s" in err
+
+
+def test_lower_bits_cost_more_quality(tiny_model_dir, tmp_path, text_file, capsys):
+    kld = {}
+    for bits in (8, 2):
+        run(capsys, "quantize", tiny_model_dir, "--bits", bits, "--group-size", 32, "--asym", "--out",
+            tmp_path / str(bits))
+        code, stdout, _ = run(capsys, "eval", tmp_path / str(bits), "--data", text_file, "--seqlen", 64,
+                              "--windows", 3, "--base", tiny_model_dir, "--json")
+        kld[bits] = json.loads(stdout)["kld"]
+    assert 0 < kld[8] < kld[2] / 50
+
+
+@pytest.fixture(scope="module")
+def broken_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("broken")
+    nan = make_tiny_model(root / "nan")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(nan / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")
+    save_file(tensors, nan / "model.safetensors", metadata={"format": "pt"})
+    gpt2 = root / "gpt2"
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=1, n_embd=32, n_head=2,
+                                                          vocab_size=100)).save_pretrained(gpt2)
+    pickled = root / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((nan / "config.json").read_text())
+    (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
+    empty = root / "empty"
+    empty.mkdir()
+    return {"nan": nan, "gpt2": gpt2, "pickled": pickled, "empty": empty}
+
+
+def test_bad_input_gives_one_line_errors(tiny_model_dir, broken_models, tmp_path, capsys):
+    out = tmp_path / "out"
+    cases = [
+        (["quantize", tmp_path / "missing", "--out", out], ["no such model directory"]),
+        (["quantize", broken_models["empty"], "--out", out], ["no config.json"]),
+        (["quantize", broken_models["gpt2"], "--out", out], ["'gpt2'", "llama", "mistral", "qwen2", "qwen3"]),
+        (["quantize", broken_models["nan"], "--out", out], ["model.layers.1.mlp.up_proj.weight", "NaN"]),
+        (["quantize", broken_models["pickled"], "--out", out], ["pytorch_model.bin", "pickled"]),
+        (["quantize", tiny_model_dir, "--bits", 5, "--out", out], ["5"]),
+        (["quantize", tiny_model_dir, "--group-size", 0, "--out", out], ["group size"]),
+        (["quantize", tiny_model_dir, "--n-samples", 0, "--out", out], ["--n-samples"]),
+        (["quantize", tiny_model_dir, "--format", "exl2", "--out", out], ["exl2"]),
+    ]
+    for argv, needles in cases:
+        assert_one_line_error(*run(capsys, *argv)[::2], *needles)
+        assert not out.exists()
+    out.mkdir()
+    assert_one_line_error(*run(capsys, "quantize", tiny_model_dir, "--out", out)[::2], "--force")
+    short = tmp_path / "short.txt"
+    short.write_text("the king")
+    assert_one_line_error(*run(capsys, "eval", tiny_model_dir, "--data", short, "--seqlen", 64)[::2], "64")
+    assert_one_line_error(*run(capsys, "inspect", tiny_model_dir)[::2], "not a quantized checkpoint")

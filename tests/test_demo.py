@@ -1,0 +1,48 @@
+"""End to end on the real SmolLM2-135M demo model: quantize from the CLI, load, evaluate."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import llmquant
+from llmquant.cli import main
+from llmquant.nn.qlinear import QuantLinear
+from tiny import sample_text
+
+pytestmark = pytest.mark.demo
+WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "test.raw.txt"
+
+
+@pytest.fixture(scope="module")
+def eval_text(tmp_path_factory):
+    if WIKITEXT.exists():
+        return WIKITEXT
+    path = tmp_path_factory.mktemp("text") / "eval.txt"  # same checks, on generated text
+    path.write_text(sample_text(8000))
+    return path
+
+
+def quantize_and_eval(capsys, demo, out, eval_text, *flags):
+    assert main(["quantize", str(demo), "--out", str(out), *flags]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--data", str(eval_text), "--seqlen", "512", "--windows", "3",
+                 "--base", str(demo), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_demo_rtn_w4_and_w8(demo_model_dir, tmp_path, eval_text, capsys):
+    assert main(["eval", str(demo_model_dir), "--data", str(eval_text), "--seqlen", "512", "--windows", "3",
+                 "--json"]) == 0
+    base = json.loads(capsys.readouterr().out)
+    w4 = quantize_and_eval(capsys, demo_model_dir, tmp_path / "w4", eval_text, "--bits", "4", "--group-size",
+                           "128", "--asym")
+    model = llmquant.load(tmp_path / "w4")
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 30 * 7 and layers[0].in_features == 576  # 576 = 4.5 groups of 128
+    assert layers[0].scales.shape[0] == 5
+    w8 = quantize_and_eval(capsys, demo_model_dir, tmp_path / "w8", eval_text, "--bits", "8", "--group-size",
+                           "128")
+    assert abs(w8["ppl"] / base["ppl"] - 1) < 0.005
+    assert w8["kld"] < w4["kld"] / 10 and w8["top1"] > w4["top1"]
+    assert base["ppl"] < w4["ppl"] < 1.5 * base["ppl"]

@@ -1,0 +1,79 @@
+import torch
+
+from llmquant.models.loader import load_float_model
+from llmquant.quant.grid import QuantSpec
+from llmquant.quant.rtn import rtn
+from llmquant.runner import run_layers
+
+
+class Gram:
+    def __init__(self):
+        self.xtx, self.n = 0, 0
+
+    def add(self, x):
+        x = x.reshape(-1, x.shape[-1]).double()
+        self.xtx = self.xtx + x.T @ x
+        self.n += x.shape[0]
+
+
+class RecordingRTN:
+    """A calibrated solver: records X^T X of each linear's inputs, quantizes with RTN."""
+
+    calibrated = True
+
+    def __init__(self, spec):
+        self.spec, self.seen = spec, {}
+
+    def observer(self, name, linear):
+        self.seen[name] = Gram()
+        return self.seen[name]
+
+    def quantize(self, name, linear, observer):
+        assert observer is self.seen[name] and observer.n > 0
+        return rtn(linear.weight, self.spec)
+
+
+def test_runner_observes_what_the_quantized_model_computes(tiny_model_dir):
+    model, _, adapter, _ = load_float_model(tiny_model_dir)
+    samples = torch.randint(0, 300, (5, 24))
+    targets = {adapter.block_prefix(i) + n for i in range(2) for n in adapter.linears()}
+    targets.discard("model.layers.1.mlp.down_proj")  # a linear left in float is simply not touched
+    before = model.model.layers[1].mlp.down_proj.weight.clone()
+    solver = RecordingRTN(QuantSpec(3, 32, False))
+    quantized = run_layers(model, adapter, solver, targets, samples, batch_tokens=48, progress=False)
+    assert set(quantized) == targets == set(solver.seen)
+    assert torch.equal(model.model.layers[1].mlp.down_proj.weight, before)
+    # every linear was observed on the inputs the fully quantized model gives it: q/k/v after the
+    # quantized block 0, o_proj after the quantized q/k/v, and so on
+    reference = {name: Gram() for name in targets}
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, o, g=reference[n]: g.add(a[0]))
+             for n in targets]
+    with torch.no_grad():
+        model(samples, use_cache=False)
+    for h in hooks:
+        h.remove()
+    for name in targets:
+        assert solver.seen[name].n == reference[name].n == 5 * 24
+        assert torch.allclose(solver.seen[name].xtx, reference[name].xtx, rtol=1e-4, atol=1e-4), name
+    for name, qw in quantized.items():
+        assert torch.allclose(model.get_submodule(name).weight, qw.dequantize())
+        assert qw.codes.device.type == "cpu"
+
+
+class Uncalibrated:
+    calibrated = False
+
+    def observer(self, name, linear):
+        raise AssertionError("an uncalibrated solver is never asked to observe")
+
+    def quantize(self, name, linear, observer):
+        assert observer is None
+        return rtn(linear.weight, QuantSpec(4, -1))
+
+
+def test_uncalibrated_solver_needs_no_samples(tiny_model_dir):
+    model, _, adapter, _ = load_float_model(tiny_model_dir)
+    targets = {adapter.block_prefix(0) + "mlp.up_proj"}
+    quantized = run_layers(model, adapter, Uncalibrated(), targets, progress=False)
+    assert list(quantized) == ["model.layers.0.mlp.up_proj"]
+    assert quantized["model.layers.0.mlp.up_proj"].scales.shape == (96, 1)

@@ -1,0 +1,78 @@
+"""Tiny random-weight checkpoints of each supported family, with a small BPE tokenizer.
+
+Everything is built locally from configs (no Hub): fast enough to create per test session.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+WORDS = (
+    "the of and to in a is that for it as was with be by on not he this are or his from at which but have an "
+    "they you were her she there been one all we their has would when if so no will more its also two first "
+    "time new may only after years other any these such some over can most made city world river music game "
+    "war king church house school film album song team season north south west east early century water"
+).split()
+
+
+def sample_text(n_words: int = 20000, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    sentences, count = [], 0
+    while count < n_words:
+        k = rng.randint(5, 18)
+        sentences.append(" ".join(rng.choice(WORDS) for _ in range(k)).capitalize() + " .")
+        count += k
+    return "\n".join(sentences)
+
+
+def make_tokenizer(vocab_size: int = 384):
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(sample_text().splitlines(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+FAMILY_EXTRA = {
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "qwen2": {},
+    "qwen3": {"head_dim": 16},
+}
+
+
+def make_config(model_type: str = "llama", vocab_size: int = 384, hidden: int = 64, layers: int = 2,
+                intermediate: int = 96, heads: int = 4, kv_heads: int = 2, tie: bool = False):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        model_type, vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=512, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
+        **FAMILY_EXTRA[model_type],
+    )
+
+
+def make_tiny_model(path: Path, model_type: str = "llama", seed: int = 0, dtype=torch.float32, **config_kw) -> Path:
+    """Write a random-weight causal LM checkpoint (safetensors) plus tokenizer to `path`."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    tok = make_tokenizer()
+    config = make_config(model_type, vocab_size=len(tok), **config_kw)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    with torch.no_grad():  # larger-than-default weights so quantization error is visible
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return Path(path)
