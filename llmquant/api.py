@@ -15,12 +15,13 @@ from .formats.hf import gptq_config, load_quantized, read_quantization_config, s
 from .models.loader import load_float_model, resolve_model
 from .nn.qlinear import QuantLinear
 from .quant.grid import SUPPORTED_BITS, QuantSpec
-from .quant.rtn import rtn
+from .quant.gptq import GPTQSolver
+from .quant.rtn import RTNSolver
 from .runner import run_layers
 
 METHODS = ("rtn", "gptq", "awq")
 FORMATS = ("gptq", "awq", "gguf")
-IMPLEMENTED = {"methods": ("rtn",), "formats": ("gptq",)}
+IMPLEMENTED = {"methods": ("rtn", "gptq"), "formats": ("gptq",)}
 
 
 @dataclass
@@ -36,6 +37,11 @@ class QuantConfig:
     seqlen: int = 2048
     seed: int = 0
     device: str = "cpu"
+    # GPTQ
+    act_order: bool = False
+    static_groups: bool = False
+    damp: float = 0.01
+    block_size: int = 128
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -43,7 +49,8 @@ class QuantConfig:
         if self.format not in FORMATS:
             raise UserError(f"unknown format '{self.format}'; choose one of {', '.join(FORMATS)}")
         if self.method not in IMPLEMENTED["methods"]:
-            raise UserError(f"method '{self.method}' is not available yet in this version (available: rtn)")
+            raise UserError(f"method '{self.method}' is not available yet in this version "
+                            f"(available: {', '.join(IMPLEMENTED['methods'])})")
         if self.format not in IMPLEMENTED["formats"]:
             raise UserError(f"format '{self.format}' is not available yet in this version (available: gptq)")
         if self.bits not in SUPPORTED_BITS:
@@ -57,6 +64,12 @@ class QuantConfig:
             raise UserError(f"--seqlen must be positive, not {self.seqlen}")
         if self.clip not in ("minmax", "mse"):
             raise UserError(f"--clip must be minmax or mse, not {self.clip}")
+        if self.method != "gptq" and (self.act_order or self.static_groups):
+            raise UserError("--act-order and --static-groups belong to --method gptq")
+        if not 0 < self.damp <= 1:
+            raise UserError(f"--damp must be in (0, 1], not {self.damp}")
+        if self.block_size < 1:
+            raise UserError(f"--block-size must be positive, not {self.block_size}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise UserError(f"--device must be cpu or cuda, not {self.device}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -65,19 +78,6 @@ class QuantConfig:
     def spec(self) -> QuantSpec:
         # the gptq (v1) layout stores zero - 1, so an asymmetric zero of 0 cannot be written
         return QuantSpec(self.bits, self.group_size, self.sym, self.clip, min_zero=0 if self.sym else 1)
-
-
-class RTNSolver:
-    calibrated = False
-
-    def __init__(self, spec: QuantSpec):
-        self.spec = spec
-
-    def observer(self, name, linear):
-        raise NotImplementedError("RTN observes nothing")
-
-    def quantize(self, name, linear, observer):
-        return rtn(linear.weight, self.spec)
 
 
 @dataclass
@@ -97,6 +97,12 @@ class QuantReport:
         return asdict(self)
 
 
+def make_solver(config: QuantConfig, spec: QuantSpec):
+    if config.method == "gptq":
+        return GPTQSolver(spec, config.block_size, config.damp, config.act_order, config.static_groups)
+    return RTNSolver(spec)
+
+
 def packable(linear: torch.nn.Linear, bits: int) -> bool:
     """The gptq layout needs whole int32 words along both dimensions."""
     return linear.in_features * bits % 32 == 0 and linear.out_features * bits % 32 == 0
@@ -113,7 +119,7 @@ def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: boo
     start = time.perf_counter()
     float_model, tokenizer, adapter, source = load_float_model(model)
     spec = config.spec()
-    solver = RTNSolver(spec)
+    solver = make_solver(config, spec)
     targets, skipped = set(), []
     for index, block in enumerate(adapter.blocks(float_model)):
         for name in adapter.linears():
@@ -130,9 +136,11 @@ def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: boo
         samples = load_samples(config.calib or "wikitext2", tokenizer, config.n_samples, seqlen, config.seed,
                                model=float_model)
     quantized = run_layers(float_model, adapter, solver, targets, samples, config.device, progress=progress)
-    qconfig = gptq_config(spec.bits, spec.group_size, spec.sym, method=config.method, skipped=skipped,
-                          clip=spec.clip, source=str(model))
-    save_gptq(out, float_model, quantized, source, qconfig, force=force)
+    qconfig = gptq_config(spec.bits, spec.group_size, spec.sym, desc_act=config.act_order and not config.static_groups,
+                          method=config.method, skipped=skipped, clip=spec.clip, source=str(model),
+                          damp_percent=config.damp, static_groups=config.static_groups)
+    report = {"method": config.method, "linears": solver.report} if solver.report else None
+    save_gptq(out, float_model, quantized, source, qconfig, force=force, report=report)
     info = describe(out)
     return QuantReport(str(out), config.method, spec.bits, spec.group_size, spec.sym,
                        time.perf_counter() - start, info["size_bytes"], info["bpw"], len(quantized), skipped)

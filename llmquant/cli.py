@@ -45,6 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seqlen", type=int, default=2048,
                    help="tokens per calibration sample, capped at the model's context (default: 2048)")
     q.add_argument("--seed", type=int, default=0, help="seed for sampling calibration windows (default: 0)")
+    gq = q.add_argument_group("GPTQ")
+    gq.add_argument("--act-order", action="store_true",
+                    help="solve columns by decreasing Hessian diagonal (desc_act); usually better quality")
+    gq.add_argument("--static-groups", action="store_true",
+                    help="with --act-order: fit group parameters before permuting, so the checkpoint keeps "
+                         "g_idx = i // group_size (fast kernels)")
+    gq.add_argument("--damp", type=float, default=0.01,
+                    help="Hessian damping as a fraction of its mean diagonal; raised automatically when the "
+                         "Cholesky factorization fails (default: 0.01)")
+    gq.add_argument("--block-size", type=int, default=128, help="columns per lazy-batch update (default: 128)")
     q.add_argument("--format", default="gptq", help="gptq | awq | gguf (default: gptq)")
     q.add_argument("--out", required=True, help="output directory (written atomically)")
     q.add_argument("--device", default="cpu", help="where blocks are quantized: cpu | cuda (default: cpu)")
@@ -56,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity (and KLD / top-1 against a base model)", epilog=EPILOG,
                        description="Score PATH on non-overlapping windows of a text; with --base, also the mean "
                                    "KL divergence and top-1 agreement against the base model's predictions.")
-    e.add_argument("path", metavar="PATH", help="packed or float checkpoint (or 'demo')")
+    e.add_argument("paths", metavar="PATH", nargs="+",
+                   help="packed or float checkpoint (or 'demo'); several are scored on the same windows, "
+                        "the base model running once for all")
     _add_eval_args(e)
     e.add_argument("--base", metavar="MODEL", help="float model to compare against")
     e.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
@@ -84,20 +96,24 @@ def _eval_text(data: str) -> str:
     return load_text(data, split="test")
 
 
-def _evaluate(path, data_text, seqlen, windows, base, device):
+def _evaluate(paths, data_text, seqlen, windows, base, device):
+    """{path: EvalResult}; the tokenizer of the first path cuts the windows for all."""
     from .api import load_any
-    from .eval import evaluate
+    from .eval import evaluate_many
 
-    model, tokenizer = load_any(path, device)
+    loaded = {str(p): load_any(p, device) for p in paths}
     base_model = load_any(base, device)[0] if base else None
-    return evaluate(model, tokenizer, data_text, seqlen=seqlen, windows=windows, base=base_model)
+    tokenizer = next(iter(loaded.values()))[1]
+    models = {p: model for p, (model, _) in loaded.items()}
+    return evaluate_many(models, tokenizer, data_text, seqlen=seqlen, windows=windows, base=base_model)
 
 
 def cmd_quantize(args) -> None:
     from .api import QuantConfig, quantize
 
     config = QuantConfig(args.method, args.bits, args.group_size, args.sym, args.clip, args.format, args.calib,
-                         args.n_samples, args.seqlen, args.seed, args.device)
+                         args.n_samples, args.seqlen, args.seed, args.device, args.act_order, args.static_groups,
+                         args.damp, args.block_size)
     config.validate()
     text = _eval_text(args.eval_data) if args.eval else None  # fail before the long work, not after
     if args.calib and config.method == "rtn":
@@ -105,8 +121,8 @@ def cmd_quantize(args) -> None:
     report = quantize(args.model, config, args.out, force=args.force)
     result = report.to_dict()
     if args.eval:
-        ev = _evaluate(args.out, text, args.eval_seqlen, args.eval_windows, args.model, args.device)
-        result["eval"] = ev.to_dict()
+        ev = _evaluate([args.out], text, args.eval_seqlen, args.eval_windows, args.model, args.device)
+        result["eval"] = ev[str(args.out)].to_dict()
     if args.json:
         print(json.dumps(result))
         return
@@ -125,14 +141,16 @@ def cmd_quantize(args) -> None:
 
 def cmd_eval(args) -> None:
     text = _eval_text(args.data)
-    result = _evaluate(args.path, text, args.seqlen, args.windows, args.base, args.device)
-    if args.json:
-        print(json.dumps(result.to_dict()))
+    results = _evaluate(args.paths, text, args.seqlen, args.windows, args.base, args.device)
+    if args.json:  # one object: the result itself, or {path: result} for several paths
+        dicts = {p: r.to_dict() for p, r in results.items()}
+        print(json.dumps(next(iter(dicts.values())) if len(dicts) == 1 else dicts))
         return
-    line = f"ppl {result.ppl:.4f} over {result.tokens} tokens ({result.windows} windows of {args.seqlen})"
-    if result.kld is not None:
-        line += f"; KLD {result.kld:.5f}, top-1 agreement {result.top1:.4f}"
-    print(line)
+    for path, result in results.items():
+        line = f"ppl {result.ppl:.4f} over {result.tokens} tokens ({result.windows} windows of {args.seqlen})"
+        if result.kld is not None:
+            line += f"; KLD {result.kld:.5f}, top-1 agreement {result.top1:.4f}"
+        print(f"{path}: {line}" if len(results) > 1 else line)
 
 
 def cmd_generate(args) -> None:

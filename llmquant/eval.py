@@ -56,26 +56,40 @@ def token_windows(tokenizer, text: str, seqlen: int, windows: int) -> torch.Tens
 def evaluate(model, tokenizer, text: str, seqlen: int = 1024, windows: int = 32, base=None,
              progress: bool = True) -> EvalResult:
     """Perplexity of `model` on `text`; with `base`, also KL(base || model) and top-1 agreement per position."""
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    if max_positions is not None and seqlen > max_positions:
-        raise UserError(f"seqlen {seqlen} is longer than the model's {max_positions} positions")
+    return evaluate_many({"model": model}, tokenizer, text, seqlen, windows, base, progress)["model"]
+
+
+@torch.inference_mode()
+def evaluate_many(models: dict, tokenizer, text: str, seqlen: int = 1024, windows: int = 32, base=None,
+                  progress: bool = True) -> dict[str, EvalResult]:
+    """`evaluate` for several models on the same windows: the base runs once per window for all of them."""
+    for model in models.values():
+        max_positions = getattr(model.config, "max_position_embeddings", None)
+        if max_positions is not None and seqlen > max_positions:
+            raise UserError(f"seqlen {seqlen} is longer than the model's {max_positions} positions")
     batches = token_windows(tokenizer, text, seqlen, windows)
-    for m in (model, base):
+    for m in (*models.values(), base):
         if m is not None:
             m.eval()  # dropout would make the scores random
-    nll = kld = agree = 0.0
+    sums = {name: {"nll": 0.0, "kld": 0.0, "agree": 0.0} for name in models}
     for window in tqdm(batches, desc="eval", unit="window", disable=not progress):
-        logp = _log_probs(model, window)
-        targets = window[1:].to(logp.device)
-        nll -= logp.gather(1, targets.unsqueeze(1)).sum().item()
-        if base is not None:
-            logp_base = _log_probs(base, window).to(logp.device)
-            if logp_base.shape != logp.shape:
-                raise UserError(f"base vocabulary {logp_base.shape[-1]} differs from the model's {logp.shape[-1]}")
-            kld += F.kl_div(logp, logp_base, reduction="sum", log_target=True).item()
-            agree += (logp.argmax(-1) == logp_base.argmax(-1)).sum().item()
+        logp_base = None if base is None else _log_probs(base, window)
+        for name, model in models.items():
+            logp = _log_probs(model, window)
+            targets = window[1:].to(logp.device)
+            acc = sums[name]
+            acc["nll"] -= logp.gather(1, targets.unsqueeze(1)).sum().item()
+            if logp_base is not None:
+                ref = logp_base.to(logp.device)
+                if ref.shape != logp.shape:
+                    raise UserError(f"base vocabulary {ref.shape[-1]} differs from the model's {logp.shape[-1]}")
+                acc["kld"] += F.kl_div(logp, ref, reduction="sum", log_target=True).item()
+                acc["agree"] += (logp.argmax(-1) == ref.argmax(-1)).sum().item()
     tokens = batches.shape[0] * (seqlen - 1)
-    return EvalResult(
-        ppl=math.exp(nll / tokens), nll=nll / tokens, tokens=tokens, windows=batches.shape[0],
-        kld=None if base is None else kld / tokens, top1=None if base is None else agree / tokens,
-    )
+    return {
+        name: EvalResult(
+            ppl=math.exp(acc["nll"] / tokens), nll=acc["nll"] / tokens, tokens=tokens, windows=batches.shape[0],
+            kld=None if base is None else acc["kld"] / tokens, top1=None if base is None else acc["agree"] / tokens,
+        )
+        for name, acc in sums.items()
+    }

@@ -28,13 +28,14 @@ class Observer(Protocol):
 class Solver(Protocol):
     calibrated: bool  # False: quantizes from the weight alone, no forward passes
 
-    def observer(self, name: str, linear: nn.Linear) -> Observer: ...
+    def observer(self, names: list[str], linears: list[nn.Linear]) -> Observer:
+        """Statistics of the input shared by a sequential group of linears (e.g. q/k/v)."""
 
     def quantize(self, name: str, linear: nn.Linear, observer: Observer | None) -> QuantizedWeight: ...
 
 
 class _Captured(Exception):
-    pass
+    """Ends a forward pass early once what was needed has been recorded."""
 
 
 class _Catcher(nn.Module):
@@ -92,11 +93,25 @@ def capture_inputs(model: nn.Module, adapter: ArchAdapter, samples: torch.Tensor
 
 @torch.inference_mode()
 def forward_block(block: nn.Module, inputs: BlockInputs, batch: int, update: bool) -> None:
-    """Run every sample through the block; with update, the outputs replace the inputs in place."""
+    """Run every sample through the block; with update, the outputs replace the inputs in place.
+    A hook may raise _Captured to end a batch's forward early, once it has seen what it needs."""
     for start in range(0, inputs.hidden.shape[0], batch):
-        out = block(inputs.hidden[start:start + batch], **inputs.kwargs)
+        try:
+            out = block(inputs.hidden[start:start + batch], **inputs.kwargs)
+        except _Captured:
+            continue
         if update:
             inputs.hidden[start:start + batch] = out[0] if isinstance(out, tuple) else out
+
+
+def _observe_then_stop(observer: Observer):
+    """Forward pre-hook: feed the linear's input to the observer, then skip the rest of the block."""
+
+    def hook(module, args):
+        observer.add(args[0])
+        raise _Captured
+
+    return hook
 
 
 def run_layers(model: nn.Module, adapter: ArchAdapter, solver: Solver, targets: set[str],
@@ -125,19 +140,17 @@ def run_layers(model: nn.Module, adapter: ArchAdapter, solver: Solver, targets: 
             if not names:
                 continue
             linears = {n: block.get_submodule(n) for n in names}
-            observers = {}
-            if solver.calibrated:
-                observers = {n: solver.observer(prefix + n, linears[n]) for n in names}
-                hooks = [linears[n].register_forward_hook(lambda m, args, out, o=observers[n]: o.add(args[0]))
-                         for n in names]
+            observer = None
+            if solver.calibrated:  # the group's linears read one input: observe it once
+                observer = solver.observer([prefix + n for n in names], list(linears.values()))
+                hook = linears[names[0]].register_forward_pre_hook(_observe_then_stop(observer))
                 try:
                     forward_block(block, inputs, batch, update=False)
                 finally:
-                    for h in hooks:
-                        h.remove()
+                    hook.remove()
             for n in names:
                 linear = linears[n]
-                qw = solver.quantize(prefix + n, linear, observers.pop(n, None))
+                qw = solver.quantize(prefix + n, linear, observer)
                 with torch.no_grad():
                     linear.weight.copy_(qw.dequantize(compute_dtype).to(linear.weight.device))
                 results[prefix + n] = _to_cpu(qw)

@@ -24,9 +24,10 @@ class RecordingRTN:
     def __init__(self, spec):
         self.spec, self.seen = spec, {}
 
-    def observer(self, name, linear):
-        self.seen[name] = Gram()
-        return self.seen[name]
+    def observer(self, names, linears):
+        gram = Gram()
+        self.seen.update({name: gram for name in names})
+        return gram
 
     def quantize(self, name, linear, observer):
         assert observer is self.seen[name] and observer.n > 0
@@ -63,7 +64,7 @@ def test_runner_observes_what_the_quantized_model_computes(tiny_model_dir):
 class Uncalibrated:
     calibrated = False
 
-    def observer(self, name, linear):
+    def observer(self, names, linears):
         raise AssertionError("an uncalibrated solver is never asked to observe")
 
     def quantize(self, name, linear, observer):

@@ -30,11 +30,11 @@ COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", 
 
 
 def gptq_config(bits: int, group_size: int, sym: bool, desc_act: bool = False, method: str = "rtn",
-                skipped: list[str] = (), **meta) -> dict:
+                skipped: list[str] = (), static_groups: bool = False, **meta) -> dict:
     """The `quantization_config` of a gptq checkpoint (also written as quantize_config.json)."""
     config = {
         "quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym,
-        "static_groups": False, "true_sequential": True, "damp_percent": meta.pop("damp_percent", 0.01),
+        "static_groups": static_groups, "true_sequential": True, "damp_percent": meta.pop("damp_percent", 0.01),
         "checkpoint_format": "gptq", "pack_dtype": "int32", "lm_head": False,
         "meta": {"quantizer": [f"llmquant:{__version__}"], "method": method, **meta},
     }
@@ -56,8 +56,10 @@ def _unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_gptq(out_dir: Path, model: torch.nn.Module, quantized: dict[str, QuantizedWeight], source_dir: Path,
-              quantization_config: dict, force: bool = False, max_shard_size: str | int = "4GB") -> Path:
-    """Write the model with its quantized linears packed, atomically (see atomic.py)."""
+              quantization_config: dict, force: bool = False, max_shard_size: str | int = "4GB",
+              report: dict | None = None) -> Path:
+    """Write the model with its quantized linears packed, atomically (see atomic.py); `report` (per-linear
+    solver figures) goes beside the weights as quant_report.json."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
     tensors = _unique_state_dict(model)
@@ -77,6 +79,8 @@ def save_gptq(out_dir: Path, model: torch.nn.Module, quantized: dict[str, Quanti
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         (tmp / "quantize_config.json").write_text(json.dumps(quantization_config, indent=2))
+        if report is not None:
+            (tmp / "quant_report.json").write_text(json.dumps(report, indent=2))
         for name in COPIED:
             if (Path(source_dir) / name).is_file():
                 shutil.copy2(Path(source_dir) / name, tmp / name)

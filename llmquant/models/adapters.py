@@ -20,7 +20,8 @@ MLP_OUT = ["mlp.down_proj"]
 @dataclass(frozen=True)
 class ArchAdapter:
     family: str
-    # "true sequential" order: each group is solved seeing the quantized outputs of the groups before it
+    # "true sequential" order: each group is solved seeing the quantized outputs of the groups before it;
+    # the linears of a group read the same input, so calibration statistics are gathered once per group
     sequential: tuple[tuple[str, ...], ...] = (tuple(ATTN_QKV), tuple(ATTN_OUT), tuple(MLP_IN), tuple(MLP_OUT))
     # AWQ scaling pairs: (previous op whose output is scaled down, linears that read it and are scaled up)
     scaling_pairs: tuple[tuple[str, tuple[str, ...]], ...] = (

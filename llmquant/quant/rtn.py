@@ -10,3 +10,19 @@ from .grid import QuantizedWeight, QuantSpec, fit, quantize
 def rtn(weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     scales, zeros = fit(weight, spec)
     return quantize(weight, scales, zeros, spec)
+
+
+class RTNSolver:
+    """The runner's RTN solver: needs no calibration, so the runner makes no forward passes."""
+
+    calibrated = False
+
+    def __init__(self, spec: QuantSpec):
+        self.spec = spec
+        self.report: dict[str, dict] = {}
+
+    def observer(self, names, linears):
+        raise NotImplementedError("RTN observes nothing")
+
+    def quantize(self, name, linear, observer) -> QuantizedWeight:
+        return rtn(linear.weight, self.spec)

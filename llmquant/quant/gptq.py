@@ -1,0 +1,183 @@
+"""GPTQ: round one input column at a time and push each rounding error onto the columns not yet
+rounded, weighted by the inverse Hessian of the layer's inputs (Frantar et al., 2022).
+
+`Hessian` accumulates H = 2/n sum x x^T from the runner's hooks; `gptq` solves one linear.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .grid import QuantizedWeight, QuantSpec, fit, fit_groups
+from .rtn import rtn
+
+log = logging.getLogger(__name__)
+
+
+class Hessian:
+    """Running H = 2/n sum x x^T over every token the layer saw, in float32 (or float64)."""
+
+    def __init__(self, columns: int, device, dtype: torch.dtype = torch.float32):
+        self.H = torch.zeros(columns, columns, device=device, dtype=dtype)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(self.H.dtype)
+        m = x.shape[0]
+        if m == 0:
+            return
+        self.H.mul_(self.n / (self.n + m))
+        self.n += m
+        x = x * math.sqrt(2 / self.n)
+        self.H.addmm_(x.T, x)
+
+
+@dataclass
+class GPTQResult:
+    weight: QuantizedWeight
+    loss: float  # sum over the weight of (w - q)^2 / [H^-1]_jj^2 / 2: the layer-output error GPTQ minimises
+    damp: float  # damping finally used (a fraction of the mean diagonal)
+
+
+@contextlib.contextmanager
+def _one_thread(enabled: bool):
+    """Single-threaded BLAS for the per-column steps on the CPU: at these sizes thread start-up costs more
+    than it saves (and under load far more). The block-level matmuls run with every core."""
+    threads = torch.get_num_threads()
+    if enabled:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class HessianNotPositiveDefinite(Exception):
+    pass
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float, max_damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of H^-1 after damping; the damping grows tenfold until it factors."""
+    mean_diag = torch.mean(torch.diag(H))
+    eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+    while damp <= max_damp:
+        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0:
+                return U, damp
+        log.info("Cholesky failed at damping %.3g; retrying at %.3g", damp, damp * 10)
+        damp *= 10
+    raise HessianNotPositiveDefinite(f"H stays indefinite up to damping {max_damp}")
+
+
+def gptq(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int = 128, damp: float = 0.01,
+         max_damp: float = 1.0, act_order: bool = False, static_groups: bool = False) -> GPTQResult:
+    """Quantize weight [out, in] given the Hessian [in, in] of its inputs.
+
+    act_order solves columns by decreasing H diagonal. Groups are then consecutive in solve order
+    (g_idx is permuted) unless static_groups, which fits every group's parameters on the original
+    columns before solving, so the checkpoint keeps g_idx = i // group_size.
+    """
+    W = weight.detach().to(H.dtype).clone()
+    rows, cols = W.shape
+    H = H.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1  # inputs never seen: no error feedback through them
+    g = spec.width(cols)
+    if spec.group_size == -1 or static_groups:
+        scales, zeros = fit(W.float(), spec)  # [rows, groups] on the original column order
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    U, used_damp = _inverse_cholesky(H, damp, max_damp)
+    if spec.group_size != -1:
+        block_size = max(g, block_size // g * g)  # groups never straddle a block: fit on updated weights
+    codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
+    losses = torch.zeros(rows, device=W.device, dtype=H.dtype)
+    fitted_s, fitted_z = [], []
+    col_group = torch.arange(cols, device=W.device) // g if spec.group_size != -1 else \
+        torch.zeros(cols, dtype=torch.long, device=W.device)
+    if perm is not None and (static_groups or spec.group_size == -1):
+        col_group = col_group[perm] if spec.group_size != -1 else col_group  # original group of each solved col
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        U1 = U[i1:i2, i1:i2]
+        q1 = torch.empty_like(W1)
+        err = torch.empty_like(W1)
+        with _one_thread(W.device.type == "cpu"):
+            for i in range(i2 - i1):
+                c = i1 + i
+                if spec.group_size != -1 and not static_groups and c % g == 0:
+                    scale, zero = (t.to(W1.dtype) for t in fit_groups(W1[:, i:i + g].float(), spec))
+                    fitted_s.append(scale)
+                    fitted_z.append(zero)
+                elif spec.group_size == -1 or static_groups:
+                    scale, zero = scales[:, col_group[c]].to(W1.dtype), zeros[:, col_group[c]].to(W1.dtype)
+                w = W1[:, i]
+                q = torch.clamp(torch.round(w / scale) + zero, 0, spec.maxq)
+                q1[:, i] = q
+                e = err[:, i]
+                torch.div(w - (q - zero) * scale, U1[i, i], out=e)
+                W1[:, i + 1:].addr_(e, U1[i, i + 1:], alpha=-1)
+        codes[:, i1:i2] = q1.to(torch.uint8)
+        losses += err.pow(2).sum(1) / 2
+        W[:, i2:].addmm_(err, U[i1:i2, i2:], alpha=-1)
+    if spec.group_size != -1 and not static_groups:
+        scales, zeros = torch.stack(fitted_s, 1), torch.stack(fitted_z, 1)
+        solve_group = torch.arange(cols, device=W.device) // g  # group of each solved column
+    else:
+        solve_group = col_group
+    g_idx = torch.empty(cols, dtype=torch.int32, device=W.device)
+    if perm is not None:
+        inv = torch.argsort(perm)
+        codes = codes[:, inv]
+        g_idx[:] = solve_group[inv].to(torch.int32)
+    else:
+        g_idx[:] = solve_group.to(torch.int32)
+    qw = QuantizedWeight(codes, scales.float(), zeros.to(torch.int32), g_idx, spec.bits, spec.group_size, spec.sym)
+    return GPTQResult(qw, float(losses.sum()), used_damp)
+
+
+class GPTQSolver:
+    """The runner's GPTQ solver: one Hessian per input-sharing group; RTN where GPTQ cannot run."""
+
+    calibrated = True
+
+    def __init__(self, spec: QuantSpec, block_size: int = 128, damp: float = 0.01, act_order: bool = False,
+                 static_groups: bool = False, hessian_dtype: torch.dtype = torch.float32):
+        self.spec, self.block_size, self.damp = spec, block_size, damp
+        self.act_order, self.static_groups, self.hessian_dtype = act_order, static_groups, hessian_dtype
+        self.report: dict[str, dict] = {}
+
+    def observer(self, names, linears) -> Hessian:
+        return Hessian(linears[0].in_features, linears[0].weight.device, self.hessian_dtype)
+
+    def quantize(self, name: str, linear, observer: Hessian) -> QuantizedWeight:
+        start = time.perf_counter()
+        entry: dict = {"tokens": observer.n}
+        reason = None if observer.n else "saw no calibration tokens"
+        if reason is None:
+            try:
+                result = gptq(linear.weight, observer.H, self.spec, self.block_size, self.damp,
+                              act_order=self.act_order, static_groups=self.static_groups)
+                qw = result.weight
+                entry.update(loss=result.loss, damp=result.damp)
+            except HessianNotPositiveDefinite as err:
+                reason = str(err)
+        if reason is not None:
+            warnings.warn(f"{name}: {reason}; quantized with RTN instead")
+            qw = rtn(linear.weight, self.spec)
+            entry["fallback"] = f"rtn: {reason}"
+        entry["seconds"] = time.perf_counter() - start
+        self.report[name] = entry
+        return qw
