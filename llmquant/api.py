@@ -109,11 +109,17 @@ def packable(linear: torch.nn.Linear, bits: int) -> bool:
 
 
 def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: bool = False,
-             progress: bool = True) -> QuantReport:
-    """Quantize a float checkpoint (directory, Hub id or 'demo') and write the packed result to `out`."""
+             progress: bool = True, work_dir: str | Path | None = None, resume: bool = False) -> QuantReport:
+    """Quantize a float checkpoint (directory, Hub id or 'demo') and write the packed result to `out`.
+
+    With `work_dir`, every finished block is kept there durably; `resume` continues such a run.
+    """
     from .formats.hf import describe
+    from .resume import WorkDir, fingerprint
 
     config.validate()
+    if resume and work_dir is None:
+        raise UserError("--resume needs the --work-dir of the run to continue")
     out = Path(out)
     check_destination(out, force)
     start = time.perf_counter()
@@ -135,7 +141,11 @@ def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: boo
         seqlen = min(config.seqlen, getattr(float_model.config, "max_position_embeddings", config.seqlen))
         samples = load_samples(config.calib or "wikitext2", tokenizer, config.n_samples, seqlen, config.seed,
                                model=float_model)
-    quantized = run_layers(float_model, adapter, solver, targets, samples, config.device, progress=progress)
+    workdir = None
+    if work_dir is not None:
+        workdir = WorkDir(Path(work_dir), fingerprint(source, samples, asdict(config)), resume)
+    quantized = run_layers(float_model, adapter, solver, targets, samples, config.device, progress=progress,
+                           workdir=workdir)
     qconfig = gptq_config(spec.bits, spec.group_size, spec.sym, desc_act=config.act_order and not config.static_groups,
                           method=config.method, skipped=skipped, clip=spec.clip, source=str(model),
                           damp_percent=config.damp, static_groups=config.static_groups)

@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output directory (written atomically)")
     q.add_argument("--device", default="cpu", help="where blocks are quantized: cpu | cuda (default: cpu)")
     q.add_argument("--force", action="store_true", help="replace --out if it exists")
+    q.add_argument("--work-dir", help="keep a durable record of every finished block here, so an interrupted "
+                                      "run can continue with --resume")
+    q.add_argument("--resume", action="store_true",
+                   help="continue the run recorded in --work-dir (same model, calibration and settings)")
     q.add_argument("--eval", action="store_true", help="after writing, report ppl and KLD against MODEL")
     _add_eval_args(q, "eval-")
     q.add_argument("--json", action="store_true", help="print the report as one JSON object")
@@ -118,7 +122,7 @@ def cmd_quantize(args) -> None:
     text = _eval_text(args.eval_data) if args.eval else None  # fail before the long work, not after
     if args.calib and config.method == "rtn":
         print("note: rtn uses no calibration data; --calib is ignored", file=sys.stderr)
-    report = quantize(args.model, config, args.out, force=args.force)
+    report = quantize(args.model, config, args.out, force=args.force, work_dir=args.work_dir, resume=args.resume)
     result = report.to_dict()
     if args.eval:
         ev = _evaluate([args.out], text, args.eval_seqlen, args.eval_windows, args.model, args.device)

@@ -27,6 +27,7 @@ class Observer(Protocol):
 
 class Solver(Protocol):
     calibrated: bool  # False: quantizes from the weight alone, no forward passes
+    report: dict[str, dict]  # per-linear figures (loss, time, fallbacks), filled by quantize
 
     def observer(self, names: list[str], linears: list[nn.Linear]) -> Observer:
         """Statistics of the input shared by a sequential group of linears (e.g. q/k/v)."""
@@ -114,27 +115,50 @@ def _observe_then_stop(observer: Observer):
     return hook
 
 
+def _write_back(linear: nn.Linear, qw: QuantizedWeight, dtype: torch.dtype) -> None:
+    """The model in memory computes with what the packed checkpoint will hold."""
+    with torch.no_grad():
+        linear.weight.copy_(qw.dequantize(dtype).to(linear.weight.device))
+
+
 def run_layers(model: nn.Module, adapter: ArchAdapter, solver: Solver, targets: set[str],
                samples: torch.Tensor | None = None, device: str | torch.device = "cpu",
-               batch_tokens: int = 4096, progress: bool = True) -> dict[str, QuantizedWeight]:
+               batch_tokens: int = 4096, progress: bool = True, workdir=None) -> dict[str, QuantizedWeight]:
     """Quantize the linears named in `targets` (full names), block by block; weights are written back
-    dequantized so the model in memory behaves as the packed one will. Returns QuantizedWeights on CPU."""
+    dequantized so the model in memory behaves as the packed one will. Returns QuantizedWeights on CPU.
+
+    With a `workdir` (resume.WorkDir), each finished block is recorded durably, and blocks already
+    recorded there are restored instead of solved again.
+    """
     device = torch.device(device)
     blocks = adapter.blocks(model)
     model_dtype = next(model.parameters()).dtype
     compute_dtype = torch.float32 if device.type == "cpu" else model_dtype
+    done = workdir.completed() if workdir is not None else 0
+    results: dict[str, QuantizedWeight] = {}
+    for index in range(done):
+        quantized, report = workdir.load(index)
+        block = blocks[index].to(dtype=compute_dtype)
+        for name, qw in quantized.items():
+            _write_back(model.get_submodule(name), qw, compute_dtype)
+        block.to(dtype=model_dtype)
+        results.update(quantized)
+        solver.report.update(report)
     inputs = None
-    if solver.calibrated:
+    if solver.calibrated and done < len(blocks):
         if samples is None:
             raise ValueError("this solver needs calibration samples")
         inputs = capture_inputs(model, adapter, samples, device, compute_dtype)
+        if done:
+            with torch.inference_mode():  # the captured activations are inference tensors
+                inputs.hidden.copy_(workdir.load_state(done - 1))
         batch = max(1, batch_tokens // samples.shape[1])
-    results: dict[str, QuantizedWeight] = {}
-    bar = tqdm(range(len(blocks)), desc="quantizing", unit="block", disable=not progress)
-    for index in bar:
+    bar = tqdm(range(len(blocks)), desc="quantizing", unit="block", disable=not progress, initial=done)
+    for index in range(done, len(blocks)):
         block = blocks[index]
         prefix = adapter.block_prefix(index)
         block.to(device=device, dtype=compute_dtype)
+        block_results = {}
         for group in adapter.sequential:
             names = [n for n in group if prefix + n in targets]
             if not names:
@@ -149,14 +173,17 @@ def run_layers(model: nn.Module, adapter: ArchAdapter, solver: Solver, targets: 
                 finally:
                     hook.remove()
             for n in names:
-                linear = linears[n]
-                qw = solver.quantize(prefix + n, linear, observer)
-                with torch.no_grad():
-                    linear.weight.copy_(qw.dequantize(compute_dtype).to(linear.weight.device))
-                results[prefix + n] = _to_cpu(qw)
+                qw = solver.quantize(prefix + n, linears[n], observer)
+                _write_back(linears[n], qw, compute_dtype)
+                block_results[prefix + n] = _to_cpu(qw)
         if solver.calibrated:
             forward_block(block, inputs, batch, update=True)
         block.to(device="cpu", dtype=model_dtype)
+        results.update(block_results)
+        if workdir is not None:
+            workdir.save(index, block_results, {n: solver.report[n] for n in block_results if n in solver.report},
+                         inputs.hidden if inputs is not None else None)
+        bar.update()
     bar.close()
     return results
 

@@ -22,7 +22,7 @@ class RecordingRTN:
     calibrated = True
 
     def __init__(self, spec):
-        self.spec, self.seen = spec, {}
+        self.spec, self.seen, self.report = spec, {}, {}
 
     def observer(self, names, linears):
         gram = Gram()
@@ -63,6 +63,7 @@ def test_runner_observes_what_the_quantized_model_computes(tiny_model_dir):
 
 class Uncalibrated:
     calibrated = False
+    report = {}
 
     def observer(self, names, linears):
         raise AssertionError("an uncalibrated solver is never asked to observe")

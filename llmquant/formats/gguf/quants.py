@@ -5,10 +5,12 @@ imatrix variants) step by step in float32 with C's evaluation order: every produ
 is rounded where C rounds it, sums accumulate position by position as C's loops do, rounding to
 an integer copies `nearest_int`'s bit trick, and the searches keep C's candidate order and
 strict comparisons. The K-quant searches choose between nearly equal errors, so anything looser
-(a pairwise torch.sum, a reciprocal instead of a division) flips some choices. Python loops run
-only over positions inside a block and over search candidates (fixed counts, at most 256); each
-step covers every block of the tensor at once. Tensors inside the searches are position-first,
-[positions, *blocks], so the sequential sums read contiguous slices.
+(a pairwise torch.sum, a reciprocal instead of a division, torch's CPU float32 sqrt) flips some
+choices. Python loops run over positions inside a block and over search candidates (fixed
+counts, at most 256), over the columns of a row for the one row-wide sum of the 32-weight imatrix
+variants, and over chunks of rows to bound memory; each step covers every block of the chunk.
+Tensors inside the searches are position-first, [positions, *blocks], so the sequential sums read
+contiguous slices.
 """
 
 from __future__ import annotations
@@ -573,8 +575,7 @@ def _whole_blocks(levels: torch.Tensor) -> torch.Tensor:
 
 def _block_sigma2(x: torch.Tensor, factor: float) -> torch.Tensor:
     """factor · Σx² / 256 over each super-block, summed in order: [rows, blocks] -> broadcast to sub-blocks."""
-    total = _seq_sum((x * x).permute(2, 0, 1))
-    return _div(factor * total if factor != 1 else total, float(QK_K))[..., None]
+    return _div(factor * _seq_sum((x * x).permute(2, 0, 1)), float(QK_K))[..., None]
 
 
 def _requantize(x: torch.Tensor, levels: torch.Tensor, d: torch.Tensor, offset: torch.Tensor | None,

@@ -1,0 +1,116 @@
+"""Durable progress for long quantization runs: `--work-dir` keeps one record per finished block,
+`--resume` continues from the last one.
+
+A record holds the block's quantized tensors and solver report; the newest record also holds the
+runner state (the calibration activations leaving that block). Every file is written beside its
+final name and renamed into place, so a `kill -9` leaves either a whole record or none. A
+fingerprint of the model, the calibration samples and the settings guards against resuming
+someone else's run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import UserError
+from .quant.grid import QuantizedWeight
+
+FIELDS = ("codes", "scales", "zeros", "g_idx")
+RECORD = re.compile(r"block-(\d{5})\.safetensors")
+
+
+def file_digest(path: Path, edge: int = 1 << 20) -> str:
+    """Cheap identity of a large file: size, header and the first and last megabyte."""
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(edge))
+        f.seek(max(0, path.stat().st_size - edge))
+        h.update(f.read(edge))
+    return h.hexdigest()
+
+
+def fingerprint(model_dir: Path, samples: torch.Tensor | None, settings: dict) -> dict:
+    from . import __version__
+
+    model = hashlib.sha256((Path(model_dir) / "config.json").read_bytes())
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        model.update(f"{f.name}:{file_digest(f)}".encode())
+    calib = "none" if samples is None else hashlib.sha256(samples.cpu().numpy().tobytes()).hexdigest()
+    return {"model": model.hexdigest(), "calibration": calib, "settings": settings, "llmquant": __version__}
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class WorkDir:
+    def __init__(self, path: Path, fp: dict, resume: bool):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        meta = self.path / "fingerprint.json"
+        done = self.completed()
+        if resume:
+            if not meta.exists():
+                raise UserError(f"--resume: {self.path} holds no earlier run")
+            old = json.loads(meta.read_text())
+            differs = [k for k in ("model", "calibration", "settings", "llmquant") if old.get(k) != fp.get(k)]
+            if differs:
+                raise UserError(f"--resume: {self.path} was made with a different {' and '.join(differs)}; "
+                                f"use another --work-dir or start again without --resume")
+        elif done or meta.exists():
+            raise UserError(f"{self.path} holds progress of an earlier run; pass --resume to continue it "
+                            f"or choose an empty --work-dir")
+        _write_atomic(meta, lambda p: p.write_text(json.dumps(fp, indent=2)))
+
+    def completed(self) -> int:
+        """Blocks finished, counted contiguously from block 0."""
+        indices = {int(m.group(1)) for p in self.path.iterdir() if (m := RECORD.fullmatch(p.name))}
+        n = 0
+        while n in indices:
+            n += 1
+        return n
+
+    def _record(self, index: int) -> Path:
+        return self.path / f"block-{index:05d}.safetensors"
+
+    def _state(self, index: int) -> Path:
+        return self.path / f"state-{index:05d}.safetensors"
+
+    def save(self, index: int, quantized: dict[str, QuantizedWeight], report: dict,
+             hidden: torch.Tensor | None) -> None:
+        """State first, then the record: a whole record always has its state beside it."""
+        if hidden is not None:
+            _write_atomic(self._state(index), lambda p: save_file({"hidden": hidden.contiguous().cpu()}, p))
+        tensors = {f"{name}.{field}": getattr(qw, field).contiguous().cpu()
+                   for name, qw in quantized.items() for field in FIELDS}
+        meta = {"report": json.dumps(report),
+                "specs": json.dumps({n: [qw.bits, qw.group_size, qw.sym] for n, qw in quantized.items()})}
+        _write_atomic(self._record(index), lambda p: save_file(tensors, p, metadata=meta))
+        self._state(index - 1).unlink(missing_ok=True)  # only the newest state is ever needed
+
+    def load(self, index: int) -> tuple[dict[str, QuantizedWeight], dict]:
+        with safe_open(self._record(index), "pt") as f:
+            meta = f.metadata()
+            specs = json.loads(meta["specs"])
+            quantized = {name: QuantizedWeight(*(f.get_tensor(f"{name}.{field}") for field in FIELDS), *spec)
+                         for name, spec in specs.items()}
+        return quantized, json.loads(meta["report"])
+
+    def load_state(self, index: int) -> torch.Tensor:
+        path = self._state(index)
+        if not path.exists():
+            raise UserError(f"--resume: {path} is missing; the work dir is incomplete")
+        with safe_open(path, "pt") as f:
+            return f.get_tensor("hidden")
