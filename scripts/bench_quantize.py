@@ -1,0 +1,55 @@
+"""Wall time and peak RSS of whole `llmquant quantize` commands (each its own process).
+
+    python scripts/bench_quantize.py --model demo --repeat 3 -- --method rtn --bits 4 --group-size 128 --asym
+    python scripts/bench_quantize.py --model demo -- --method gptq --bits 4 --group-size 128 \
+        --calib ../shared/data/wikitext2/valid.tokens.txt --n-samples 128 --seqlen 512
+
+Everything after `--` goes to `llmquant quantize`. Prints min/median/max wall seconds and peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def run_once(model: str, flags: list[str], threads: int | None) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MiB) of one quantize process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+        cmd = [sys.executable, "-c",
+               "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]).returncode; "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(r)",
+               sys.executable, "-m", "llmquant", "quantize", model, "--out", f"{tmp}/out", *flags]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - start
+        if proc.returncode:
+            raise SystemExit(f"quantize failed:\n{proc.stderr[-2000:]}")
+        return wall, int(proc.stderr.strip().splitlines()[-1]) / 1024
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    flags = argv[argv.index("--") + 1:] if "--" in argv else []
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the command")
+    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    runs = [run_once(args.model, flags, args.threads) for _ in range(args.repeat)]
+    walls, rss = [r[0] for r in runs], [r[1] for r in runs]
+    result = {"command": ["llmquant", "quantize", args.model, *flags], "runs": args.repeat,
+              "wall_s": {"min": min(walls), "median": statistics.median(walls), "max": max(walls)},
+              "peak_rss_mib": max(rss)}
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
