@@ -26,6 +26,9 @@ class Observer(Protocol):
 
 
 class Solver(Protocol):
+    """What the runner drives. A solver may also define `prepare_block(block, prefix, inputs, batch)`,
+    called once per block on the work device before any group is observed (AWQ's scale search)."""
+
     calibrated: bool  # False: quantizes from the weight alone, no forward passes
     report: dict[str, dict]  # per-linear figures (loss, time, fallbacks), filled by quantize
 
@@ -158,6 +161,8 @@ def run_layers(model: nn.Module, adapter: ArchAdapter, solver: Solver, targets: 
         block = blocks[index]
         prefix = adapter.block_prefix(index)
         block.to(device=device, dtype=compute_dtype)
+        if hasattr(solver, "prepare_block"):  # e.g. AWQ: search and fold scales before anything is rounded
+            solver.prepare_block(block, prefix, inputs, batch)
         block_results = {}
         for group in adapter.sequential:
             names = [n for n in group if prefix + n in targets]

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from llmquant.cli import main
 from tiny import make_tiny_model, sample_text

@@ -7,7 +7,6 @@ README demo need no Hub access. `demo` given as MODEL to any command resolves he
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
