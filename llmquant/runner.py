@@ -147,7 +147,7 @@ def run_layers(model: nn.Module, adapter: ArchAdapter, solver: Solver, targets: 
         block.to(dtype=model_dtype)
         results.update(quantized)
         solver.report.update(report)
-    inputs = None
+    inputs, batch = None, None
     if solver.calibrated and done < len(blocks):
         if samples is None:
             raise ValueError("this solver needs calibration samples")
