@@ -192,4 +192,5 @@ def load_any(path: str | Path, device: str = "cpu"):
         for module in model.modules():
             if isinstance(module, QuantLinear):
                 module.cache_weight = True
+                module.dequantize_weight(torch.float32)  # at load, not inside the first forward
     return model, tokenizer

@@ -159,9 +159,9 @@ def cmd_eval(args) -> None:
 
 def cmd_generate(args) -> None:
     import torch
-    from transformers import TextStreamer
 
     from .api import load_any
+    from .eval import TimedStreamer
 
     model, tokenizer = load_any(args.path, args.device)
     if args.chat:
@@ -170,15 +170,14 @@ def cmd_generate(args) -> None:
     else:
         ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     ids = ids.to(args.device)
-    streamer = TextStreamer(tokenizer, skip_prompt=args.chat, skip_special_tokens=True)
+    streamer = TimedStreamer(tokenizer, skip_prompt=args.chat, skip_special_tokens=True)
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
-    start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=args.max_new_tokens, streamer=streamer,
                              pad_token_id=tokenizer.eos_token_id, **sampling)
-    seconds = time.perf_counter() - start
     new = out.shape[1] - ids.shape[1]
-    print(f"[{new} tokens in {seconds:.2f} s, {new / seconds:.1f} tokens/s]", file=sys.stderr)
+    print(f"\n[prefill {ids.shape[1]} tokens at {streamer.prefill_rate(ids.shape[1]):.1f} tokens/s; "
+          f"decode {new} tokens at {streamer.decode_rate(new):.1f} tokens/s]", file=sys.stderr)
 
 
 def cmd_inspect(args) -> None:

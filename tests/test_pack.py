@@ -56,3 +56,36 @@ def test_gptq_tensors_round_trip_exactly(bits, act_order, sym):
     assert torch.equal(layer.dequantize_weight(), qw.dequantize())
     x = torch.randn(3, 192)
     assert torch.allclose(layer(x), x @ qw.dequantize().T, atol=1e-5)
+
+
+def test_kernel_switch(monkeypatch):
+    from llmquant.nn import qlinear
+
+    qw = quantize(torch.randn(64, 64), *fit(torch.randn(64, 64), QuantSpec(4, 32)), QuantSpec(4, 32))
+    layer = QuantLinear.from_quantized(qw)
+    x = torch.randn(2, 64)
+    calls = []
+
+    class Stub:
+        @staticmethod
+        def gptq_matmul(x, qweight, qzeros, scales, g_idx, bits, group_size):
+            calls.append((qweight is layer.qweight, bits, group_size))
+            return x @ qw.dequantize().T
+
+    monkeypatch.setattr(qlinear, "_load_kernels", lambda: Stub)
+    monkeypatch.setenv("LLMQUANT_KERNEL", "auto")
+    layer(x)
+    assert calls == []  # auto: CPU inputs take the torch path
+    monkeypatch.setenv("LLMQUANT_KERNEL", "triton")
+    assert torch.allclose(layer(x), x @ qw.dequantize().T, atol=1e-5)
+    assert calls == [(True, 4, 32)]
+    monkeypatch.setenv("LLMQUANT_KERNEL", "torch")
+    layer(x)
+    assert len(calls) == 1
+    monkeypatch.setattr(qlinear, "_load_kernels", lambda: None)
+    monkeypatch.setenv("LLMQUANT_KERNEL", "triton")
+    with pytest.raises(RuntimeError, match="cannot run here"):
+        layer(x)
+    monkeypatch.setenv("LLMQUANT_KERNEL", "cuda")
+    with pytest.raises(ValueError):
+        layer(x)

@@ -1,8 +1,8 @@
 """QuantLinear: a linear layer that holds its weight packed in the gptq layout.
 
-On CUDA the forward runs the Triton dequant-matmul kernels; on CPU (or when forced with
-LLMQUANT_KERNEL=torch) it dequantizes with torch and multiplies. Both give the same result up to
-floating-point summation order.
+On CUDA the forward runs the Triton dequant-matmul kernels; on CPU it dequantizes with torch and
+multiplies. Both give the same result up to floating-point summation order. LLMQUANT_KERNEL=torch
+or =triton forces one path (for debugging; triton on the CPU needs TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -18,15 +18,26 @@ from ..formats.pack import pack_gptq, unpack_gptq
 from ..quant.grid import QuantizedWeight
 
 
-def _kernels():
-    """The Triton kernels, or None where they cannot run (CPU, no triton, or forced off)."""
-    if os.environ.get("LLMQUANT_KERNEL", "auto") == "torch":
-        return None
+def _load_kernels():
     try:
         from .. import kernels
     except ImportError:
         return None
     return kernels if kernels.available() else None
+
+
+def kernels_for(x: torch.Tensor):
+    """The Triton kernels module if this input should use them, else None (the torch path)."""
+    mode = os.environ.get("LLMQUANT_KERNEL", "auto")
+    if mode not in ("auto", "torch", "triton"):
+        raise ValueError(f"LLMQUANT_KERNEL must be auto, torch or triton, not {mode!r}")
+    if mode == "torch" or (mode == "auto" and not x.is_cuda):
+        return None
+    kernels = _load_kernels()
+    if kernels is None and mode == "triton":
+        raise RuntimeError("LLMQUANT_KERNEL=triton, but the Triton kernels cannot run here "
+                           "(no triton, or no CUDA GPU and TRITON_INTERPRET unset)")
+    return kernels
 
 
 class QuantLinear(nn.Module):
@@ -70,7 +81,7 @@ class QuantLinear(nn.Module):
         return self._cached[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernels = _kernels() if x.is_cuda else None
+        kernels = kernels_for(x)
         if kernels is not None:
             y = kernels.gptq_matmul(x.reshape(-1, self.in_features), self.qweight, self.qzeros, self.scales,
                                     self.g_idx, self.bits, self.group_size).reshape(*x.shape[:-1], -1)
