@@ -11,17 +11,18 @@ import torch
 
 from .errors import UserError
 from .formats.atomic import check_destination
-from .formats.hf import gptq_config, load_quantized, read_quantization_config, save_gptq
+from .formats.hf import awq_config, gptq_config, load_quantized, read_quantization_config, save_quantized
 from .models.loader import load_float_model, resolve_model
 from .nn.qlinear import QuantLinear
+from .quant.awq import AWQSolver
 from .quant.grid import SUPPORTED_BITS, QuantSpec
 from .quant.gptq import GPTQSolver
 from .quant.rtn import RTNSolver
 from .runner import run_layers
 
-METHODS = ("rtn", "gptq", "awq")
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 FORMATS = ("gptq", "awq", "gguf")
-IMPLEMENTED = {"methods": ("rtn", "gptq"), "formats": ("gptq",)}
+IMPLEMENTED = {"methods": ("rtn", "gptq", "awq", "awq+gptq"), "formats": ("gptq", "awq")}
 
 
 @dataclass
@@ -42,6 +43,8 @@ class QuantConfig:
     static_groups: bool = False
     damp: float = 0.01
     block_size: int = 128
+    # AWQ
+    duo_scaling: bool = True  # candidate scales mean|x|^a / mean|w|^(1-a), not mean|x|^a alone
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -52,10 +55,14 @@ class QuantConfig:
             raise UserError(f"method '{self.method}' is not available yet in this version "
                             f"(available: {', '.join(IMPLEMENTED['methods'])})")
         if self.format not in IMPLEMENTED["formats"]:
-            raise UserError(f"format '{self.format}' is not available yet in this version (available: gptq)")
+            raise UserError(f"format '{self.format}' is not available yet in this version "
+                            f"(available: {', '.join(IMPLEMENTED['formats'])})")
         if self.bits not in SUPPORTED_BITS:
             raise UserError(f"the {self.format} format stores {', '.join(map(str, SUPPORTED_BITS))} bits, "
                             f"not {self.bits}")
+        if self.format == "awq" and self.bits != 4:
+            raise UserError(f"the awq (GEMM) format stores 4-bit weights only, not {self.bits}; "
+                            f"use --bits 4 or --format gptq")
         if self.group_size != -1 and self.group_size < 1:
             raise UserError(f"group size must be positive or -1 (per channel), not {self.group_size}")
         if not 1 <= self.n_samples <= 4096:
@@ -64,8 +71,10 @@ class QuantConfig:
             raise UserError(f"--seqlen must be positive, not {self.seqlen}")
         if self.clip not in ("minmax", "mse"):
             raise UserError(f"--clip must be minmax or mse, not {self.clip}")
-        if self.method != "gptq" and (self.act_order or self.static_groups):
-            raise UserError("--act-order and --static-groups belong to --method gptq")
+        if self.method not in ("gptq", "awq+gptq") and (self.act_order or self.static_groups):
+            raise UserError("--act-order and --static-groups belong to --method gptq or awq+gptq")
+        if self.format == "awq" and self.act_order and not self.static_groups:
+            raise UserError("the awq format has no g_idx: with --format awq, --act-order needs --static-groups")
         if not 0 < self.damp <= 1:
             raise UserError(f"--damp must be in (0, 1], not {self.damp}")
         if self.block_size < 1:
@@ -76,7 +85,8 @@ class QuantConfig:
             raise UserError("--device cuda was asked for, but no CUDA GPU is available")
 
     def spec(self) -> QuantSpec:
-        # the gptq (v1) layout stores zero - 1, so an asymmetric zero of 0 cannot be written
+        # the gptq (v1) layout stores zero - 1, so an asymmetric zero of 0 cannot be written; awq results keep
+        # the same grid, so they load into the same (gptq-layout) QuantLinear
         return QuantSpec(self.bits, self.group_size, self.sym, self.clip, min_zero=0 if self.sym else 1)
 
 
@@ -97,15 +107,22 @@ class QuantReport:
         return asdict(self)
 
 
-def make_solver(config: QuantConfig, spec: QuantSpec):
-    if config.method == "gptq":
-        return GPTQSolver(spec, config.block_size, config.damp, config.act_order, config.static_groups)
-    return RTNSolver(spec)
+def make_solver(config: QuantConfig, spec: QuantSpec, scaling_pairs=(), targets: set[str] | None = None):
+    """The runner's solver for config.method; AWQ needs the family's scaling pairs and the linears quantized."""
+    if config.method.endswith("gptq"):
+        solver = GPTQSolver(spec, config.block_size, config.damp, config.act_order, config.static_groups)
+    else:
+        solver = RTNSolver(spec)
+    if config.method.startswith("awq"):
+        solver = AWQSolver(solver, spec, scaling_pairs, targets, duo_scaling=config.duo_scaling)
+    return solver
 
 
-def packable(linear: torch.nn.Linear, bits: int) -> bool:
-    """The gptq layout needs whole int32 words along both dimensions."""
-    return linear.in_features * bits % 32 == 0 and linear.out_features * bits % 32 == 0
+def packable(linear: torch.nn.Linear, bits: int, layout: str = "gptq", group_size: int = -1) -> bool:
+    """Both layouts need whole int32 words along both dimensions; awq also needs whole groups (without a
+    g_idx it cannot describe a short last group)."""
+    words = linear.in_features * bits % 32 == 0 and linear.out_features * bits % 32 == 0
+    return words and (layout != "awq" or group_size == -1 or linear.in_features % group_size == 0)
 
 
 def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: bool = False,
@@ -120,17 +137,24 @@ def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: boo
     config.validate()
     if resume and work_dir is None:
         raise UserError("--resume needs the --work-dir of the run to continue")
+    if work_dir is not None and config.method.startswith("awq"):
+        raise UserError(f"--work-dir is not available with --method {config.method} yet: the scales folded into "
+                        f"the norms of finished blocks are not recorded for --resume")
     out = Path(out)
     check_destination(out, force)
     start = time.perf_counter()
     float_model, tokenizer, adapter, source = load_float_model(model)
+    if config.method.startswith("awq") and not adapter.scaling_pairs:
+        raise UserError(f"--method {config.method} needs AWQ scaling pairs (previous op -> linears), and the "
+                        f"{adapter.family} adapter defines none; use --method rtn or gptq")
     spec = config.spec()
-    solver = make_solver(config, spec)
     targets, skipped = set(), []
     for index, block in enumerate(adapter.blocks(float_model)):
         for name in adapter.linears():
             full = adapter.block_prefix(index) + name
-            (targets.add(full) if packable(block.get_submodule(name), spec.bits) else skipped.append(full))
+            fits = packable(block.get_submodule(name), spec.bits, config.format, spec.group_size)
+            (targets.add(full) if fits else skipped.append(full))
+    solver = make_solver(config, spec, adapter.scaling_pairs, targets)
     if skipped:
         warnings.warn(f"{len(skipped)} linears have widths the {config.format} layout cannot pack at "
                       f"{spec.bits} bits and stay in float (first: {skipped[0]})")
@@ -146,11 +170,16 @@ def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: boo
         workdir = WorkDir(Path(work_dir), fingerprint(source, samples, asdict(config)), resume)
     quantized = run_layers(float_model, adapter, solver, targets, samples, config.device, progress=progress,
                            workdir=workdir)
-    qconfig = gptq_config(spec.bits, spec.group_size, spec.sym, desc_act=config.act_order and not config.static_groups,
-                          method=config.method, skipped=skipped, clip=spec.clip, source=str(model),
-                          damp_percent=config.damp, static_groups=config.static_groups)
+    if config.format == "awq":
+        qconfig = awq_config(spec.group_size, spec.sym, method=config.method, skipped=skipped, clip=spec.clip,
+                             source=str(model))
+    else:
+        qconfig = gptq_config(spec.bits, spec.group_size, spec.sym,
+                              desc_act=config.act_order and not config.static_groups, method=config.method,
+                              skipped=skipped, clip=spec.clip, source=str(model), damp_percent=config.damp,
+                              static_groups=config.static_groups)
     report = {"method": config.method, "linears": solver.report} if solver.report else None
-    save_gptq(out, float_model, quantized, source, qconfig, force=force, report=report)
+    save_quantized(out, float_model, quantized, source, qconfig, force=force, report=report)
     info = describe(out)
     return QuantReport(str(out), config.method, spec.bits, spec.group_size, spec.sym,
                        time.perf_counter() - start, info["size_bytes"], info["bpw"], len(quantized), skipped)

@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a float checkpoint into a packed one", epilog=EPILOG,
                        description="Quantize MODEL layer by layer and write a packed checkpoint to --out.")
     q.add_argument("model", metavar="MODEL")
-    q.add_argument("--method", default="rtn", help="rtn | gptq | awq (default: rtn)")
+    q.add_argument("--method", default="rtn",
+                   help="rtn | gptq | awq (activation-aware scales and clipping, then RTN) | awq+gptq (AWQ "
+                        "scales and clipping, then GPTQ) (default: rtn)")
     q.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default: 4)")
     q.add_argument("--group-size", type=int, default=128,
                    help="input columns sharing a scale and zero; -1 = per output channel (default: 128)")
@@ -55,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Hessian damping as a fraction of its mean diagonal; raised automatically when the "
                          "Cholesky factorization fails (default: 0.01)")
     gq.add_argument("--block-size", type=int, default=128, help="columns per lazy-batch update (default: 128)")
-    q.add_argument("--format", default="gptq", help="gptq | awq | gguf (default: gptq)")
+    aq = q.add_argument_group("AWQ")
+    aq.add_argument("--no-duo-scaling", dest="duo_scaling", action="store_false",
+                    help="search scales mean|x|^a alone instead of mean|x|^a / mean|w|^(1-a)")
+    q.add_argument("--format", default="gptq",
+                   help="gptq | awq (AWQ GEMM layout, 4-bit only) | gguf (default: gptq); any method writes "
+                        "either layout")
     q.add_argument("--out", required=True, help="output directory (written atomically)")
     q.add_argument("--device", default="cpu", help="where blocks are quantized: cpu | cuda (default: cpu)")
     q.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -117,7 +124,7 @@ def cmd_quantize(args) -> None:
 
     config = QuantConfig(args.method, args.bits, args.group_size, args.sym, args.clip, args.format, args.calib,
                          args.n_samples, args.seqlen, args.seed, args.device, args.act_order, args.static_groups,
-                         args.damp, args.block_size)
+                         args.damp, args.block_size, args.duo_scaling)
     config.validate()
     text = _eval_text(args.eval_data) if args.eval else None  # fail before the long work, not after
     if args.calib and config.method == "rtn":

@@ -1,8 +1,8 @@
-"""Packed safetensors checkpoints in the gptq layout, and their reader.
+"""Packed safetensors checkpoints in the gptq and awq (GEMM) layouts, and their reader.
 
-The folder is what transformers, vLLM and GPTQModel expect of a gptq ("v1") checkpoint:
-config.json with `quantization_config`, quantize_config.json, weights as (sharded) safetensors,
-tokenizer and generation config copied from the source model.
+The folder is what transformers, vLLM and GPTQModel (or AutoAWQ) expect of a gptq ("v1") or awq
+checkpoint: config.json with `quantization_config`, quantize_config.json (gptq) or quant_config.json
+(awq), weights as (sharded) safetensors, tokenizer and generation config copied from the source model.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from ..errors import UserError
 from ..nn.qlinear import QuantLinear
 from ..quant.grid import SUPPORTED_BITS, QuantizedWeight
 from .atomic import atomic_directory
-from .pack import pack_gptq
+from .pack import pack_awq, pack_gptq, unpack_awq
 
-PACKED = ("qweight", "qzeros", "scales", "g_idx")
+PACKED = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales")}
+PACKERS = {"gptq": pack_gptq, "awq": pack_awq}
 COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
           "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
 
@@ -43,6 +44,22 @@ def gptq_config(bits: int, group_size: int, sym: bool, desc_act: bool = False, m
     return config
 
 
+def awq_config(group_size: int, sym: bool, method: str = "awq", skipped: list[str] = (), **meta) -> dict:
+    """The transformers `quantization_config` of an AWQ GEMM checkpoint (4-bit). zero_point is always
+    on: GEMM kernels always subtract qzeros, and a symmetric grid is stored as the zero 8."""
+    return {
+        "quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm",
+        "modules_to_not_convert": list(skipped) or None,
+        "meta": {"quantizer": [f"llmquant:{__version__}"], "method": method, "sym": sym, **meta},
+    }
+
+
+def _autoawq_config(q: dict) -> dict:
+    """The same settings under AutoAWQ's own names (its quant_config.json)."""
+    return {"zero_point": q["zero_point"], "q_group_size": q["group_size"], "w_bit": q["bits"],
+            "version": q["version"], "modules_to_not_convert": q["modules_to_not_convert"]}
+
+
 def _unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """State dict without the second name of tied tensors (safetensors stores each tensor once)."""
     seen, out = set(), {}
@@ -55,17 +72,20 @@ def _unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_gptq(out_dir: Path, model: torch.nn.Module, quantized: dict[str, QuantizedWeight], source_dir: Path,
-              quantization_config: dict, force: bool = False, max_shard_size: str | int = "4GB",
-              report: dict | None = None) -> Path:
-    """Write the model with its quantized linears packed, atomically (see atomic.py); `report` (per-linear
-    solver figures) goes beside the weights as quant_report.json."""
+def save_quantized(out_dir: Path, model: torch.nn.Module, quantized: dict[str, QuantizedWeight], source_dir: Path,
+                   quantization_config: dict, force: bool = False, max_shard_size: str | int = "4GB",
+                   report: dict | None = None) -> Path:
+    """Write the model with its quantized linears packed in the layout `quantization_config` names (gptq or
+    awq), atomically (see atomic.py); `report` (per-linear solver figures) goes beside the weights as
+    quant_report.json."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
+    method = quantization_config["quant_method"]
+    pack = PACKERS[method]
     tensors = _unique_state_dict(model)
     for name, qw in quantized.items():
         tensors.pop(f"{name}.weight")
-        tensors.update({f"{name}.{k}": v for k, v in pack_gptq(qw).items()})
+        tensors.update({f"{name}.{k}": v for k, v in pack(qw).items()})
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
     config = model.config.to_dict()
@@ -78,13 +98,19 @@ def save_gptq(out_dir: Path, model: torch.nn.Module, quantized: dict[str, Quanti
                      "weight_map": split.tensor_to_filename}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        (tmp / "quantize_config.json").write_text(json.dumps(quantization_config, indent=2))
+        if method == "awq":
+            (tmp / "quant_config.json").write_text(json.dumps(_autoawq_config(quantization_config), indent=2))
+        else:
+            (tmp / "quantize_config.json").write_text(json.dumps(quantization_config, indent=2))
         if report is not None:
             (tmp / "quant_report.json").write_text(json.dumps(report, indent=2))
         for name in COPIED:
             if (Path(source_dir) / name).is_file():
                 shutil.copy2(Path(source_dir) / name, tmp / name)
     return Path(out_dir)
+
+
+save_gptq = save_quantized  # the name from when gptq was the only layout
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -98,14 +124,18 @@ def read_quantization_config(path: Path) -> dict:
     if not isinstance(q, dict):
         raise UserError(f"{path} is not a quantized checkpoint (config.json has no quantization_config)")
     method = q.get("quant_method")
-    if method != "gptq":
-        raise UserError(f"{path}: quant_method '{method}' is not readable here (supported: gptq)")
-    if q.get("checkpoint_format", "gptq") != "gptq":
+    if method not in PACKED:
+        raise UserError(f"{path}: quant_method '{method}' is not readable here (supported: gptq, awq)")
+    if method == "gptq" and q.get("checkpoint_format", "gptq") != "gptq":
         raise UserError(f"{path}: checkpoint_format '{q['checkpoint_format']}' is not supported (gptq)")
+    if method == "awq" and str(q.get("version", "gemm")).lower() != "gemm":
+        raise UserError(f"{path}: awq version '{q['version']}' is not supported (gemm)")
     bits, group = q.get("bits", q.get("w_bit")), q.get("group_size", q.get("q_group_size"))
-    if bits not in SUPPORTED_BITS or not isinstance(group, int) or not (group == -1 or group > 0):
-        raise UserError(f"{path}: unsupported quantization_config bits={bits} group_size={group}")
-    return {**q, "bits": bits, "group_size": group}
+    if (bits not in (SUPPORTED_BITS if method == "gptq" else (4,)) or not isinstance(group, int)
+            or not (group == -1 or group > 0)):
+        raise UserError(f"{path}: unsupported {method} quantization_config bits={bits} group_size={group}")
+    sym = q.get("sym", q.get("meta", {}).get("sym", False)) if method == "awq" else q.get("sym", True)
+    return {**q, "bits": bits, "group_size": group, "sym": sym}
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -140,10 +170,23 @@ def _headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
     return shapes
 
 
-def _expected_shapes(in_f: int, out_f: int, bits: int, group_size: int) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(in_f: int, out_f: int, bits: int, group_size: int,
+                     method: str = "gptq") -> dict[str, tuple[int, ...]]:
     groups = 1 if group_size == -1 else math.ceil(in_f / group_size)
+    if method == "awq":
+        return {"qweight": (in_f, out_f * bits // 32), "qzeros": (groups, out_f * bits // 32),
+                "scales": (groups, out_f)}
     return {"qweight": (in_f * bits // 32, out_f), "qzeros": (groups, out_f * bits // 32),
             "scales": (groups, out_f), "g_idx": (in_f,)}
+
+
+def _awq_as_gptq(path: Path, name: str, tensors: dict[str, torch.Tensor], q: dict) -> dict[str, torch.Tensor]:
+    """QuantLinear holds the gptq layout: repack an awq linear into it, exactly (zero points >= 1)."""
+    qw = unpack_awq(tensors, q["group_size"], q["sym"])
+    if (qw.zeros < 1).any():
+        raise UserError(f"{path}: '{name}' stores a zero point of 0, which the gptq-layout QuantLinear "
+                        f"cannot hold (it stores zero - 1)")
+    return pack_gptq(qw)
 
 
 def load_quantized(path: Path, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -154,40 +197,55 @@ def load_quantized(path: Path, device: str | torch.device = "cpu") -> torch.nn.M
 
     path = Path(path)
     q = read_quantization_config(path)
+    method = q["quant_method"]
     headers = _headers(weight_files(path))
     config = AutoConfig.from_pretrained(path)
     del config.quantization_config
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=config.dtype or torch.float32)
-    for name in sorted({n.rsplit(".", 1)[0] for n in headers if n.endswith(".qweight")}):
+    packed = sorted({n.rsplit(".", 1)[0] for n in headers if n.endswith(".qweight")})
+    for name in packed:
         try:
             linear = model.get_submodule(name)
         except AttributeError:
             raise UserError(f"{path}: packed tensor '{name}.qweight' names no module of this model") from None
-        expected = _expected_shapes(linear.in_features, linear.out_features, q["bits"], q["group_size"])
+        expected = _expected_shapes(linear.in_features, linear.out_features, q["bits"], q["group_size"], method)
         for field, shape in expected.items():
             found = headers.get(f"{name}.{field}", (None, None))[1]
             if found != shape:
                 raise UserError(f"{path}: '{name}.{field}' has shape {found}, expected {shape}")
+        if method == "awq" and linear.in_features * q["bits"] % 32:
+            raise UserError(f"{path}: '{name}' has {linear.in_features} inputs; the gptq-layout QuantLinear "
+                            f"that holds awq weights needs a multiple of 8")
         with torch.device("meta"):
             layer = QuantLinear(linear.in_features, linear.out_features, q["bits"], q["group_size"],
-                                q.get("sym", True), linear.bias is not None, linear.weight.dtype)
+                                q["sym"], linear.bias is not None, linear.weight.dtype)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
+    # awq tensors are repacked into QuantLinear's gptq buffers; their shapes were checked above
+    repacked = {f"{n}.{f}" for n in packed for f in PACKED["awq"]} if method == "awq" else set()
     expected = dict(model.state_dict())
     unknown = sorted(set(headers) - set(expected))
     if unknown:
         raise UserError(f"{path}: tensor '{unknown[0]}' belongs to no module of this model")
     for name, (f, shape) in headers.items():
-        if tuple(expected[name].shape) != shape:
+        if name not in repacked and tuple(expected[name].shape) != shape:
             raise UserError(f"{path}: '{name}' has shape {shape}, expected {tuple(expected[name].shape)}")
     by_file: dict[Path, list[str]] = {}
     for name, (f, _) in headers.items():
         by_file.setdefault(f, []).append(name)
+    awq_tensors: dict[str, dict[str, torch.Tensor]] = {}
     for f, names in by_file.items():
         with safe_open(f, "pt") as handle:
             for name in names:
-                set_module_tensor_to_device(model, name, device, value=handle.get_tensor(name))
+                if name in repacked:
+                    module, _, field = name.rpartition(".")
+                    awq_tensors.setdefault(module, {})[field] = handle.get_tensor(name)
+                else:
+                    set_module_tensor_to_device(model, name, device, value=handle.get_tensor(name))
+    for module, tensors in awq_tensors.items():
+        for field, value in _awq_as_gptq(path, module, tensors, q).items():
+            set_module_tensor_to_device(model, f"{module}.{field}", device, value=value)
     model.tie_weights()
     missing = [n for n, t in model.state_dict().items() if t.is_meta]
     if missing:
@@ -199,16 +257,17 @@ def load_quantized(path: Path, device: str | torch.device = "cpu") -> torch.nn.M
 def describe(path: Path) -> dict:
     """Summary for `llmquant inspect`: settings, sizes, bits per quantized weight."""
     q = read_quantization_config(path)
+    method = q["quant_method"]
     files = weight_files(path)
     headers = _headers(files)
     quant_bytes = weights = 0
     for name in {n.rsplit(".", 1)[0] for n in headers if n.endswith(".qweight")}:
         with safe_open(headers[f"{name}.qweight"][0], "pt") as handle:
-            for field in PACKED:
+            for field in PACKED[method]:
                 t = handle.get_slice(f"{name}.{field}")
                 quant_bytes += math.prod(t.get_shape()) * (2 if t.get_dtype() in ("F16", "BF16") else 4)
-        in_f = headers[f"{name}.g_idx"][1][0]
-        weights += in_f * headers[f"{name}.qweight"][1][1]
+        in_f = headers[f"{name}.qweight"][1][0] if method == "awq" else headers[f"{name}.g_idx"][1][0]
+        weights += in_f * headers[f"{name}.scales"][1][1]
     return {
         "path": str(path), "quant_method": q["quant_method"], "bits": q["bits"], "group_size": q["group_size"],
         "sym": q.get("sym"), "desc_act": q.get("desc_act"), "files": len(files),

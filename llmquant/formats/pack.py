@@ -3,15 +3,19 @@
 Every layout here is a little-endian bit stream: along the packed dimension, code j occupies
 bits [bits*j, bits*j + bits) of a stream cut into 32-bit words. For 2/4/8 bits a word holds
 32/bits whole codes; for 3 bits, 32 codes fill 3 words and two codes straddle word boundaries
-(the "10-1-10-1-10" pattern of the gptq layout).
+(the "10-1-10-1-10" pattern of the gptq layout). The awq layout first permutes the codes within
+each block of 8 output columns (AWQ_ORDER), then packs them the same way.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..quant.grid import QuantizedWeight
+from ..quant.grid import QuantizedWeight, default_g_idx
 
+# AWQ GEMM: nibble i of each word holds output column AWQ_ORDER[i] of its block of 8
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+AWQ_INVERSE = (0, 4, 1, 5, 2, 6, 3, 7)
 
 
 def _word_shifts(per: int, bits: int, dim: int, device) -> torch.Tensor:
@@ -74,3 +78,31 @@ def unpack_gptq(tensors: dict[str, torch.Tensor], bits: int, group_size: int, sy
     zeros = unpack_int32(tensors["qzeros"], bits, dim=1, n=out_features).to(torch.int32) + 1
     return QuantizedWeight(codes.contiguous(), tensors["scales"].float().T.contiguous(), zeros.T.contiguous(),
                            tensors["g_idx"].to(torch.int32), bits, group_size, sym)
+
+
+def _awq_columns(x: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
+    """Permute the columns of x [rows, out] within each block of 8."""
+    return x.unflatten(1, (-1, 8))[:, :, list(order)].flatten(1)
+
+
+def pack_awq(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """The AWQ GEMM tensors of one linear: codes [in, out] and raw zeros [groups, out], both packed along
+    the output dimension in AWQ's interleaved nibble order; scales float16 [groups, out]. 4-bit only, and
+    no g_idx: groups must be consecutive input columns."""
+    if qw.bits != 4:
+        raise ValueError(f"the awq layout stores 4-bit codes, not {qw.bits}-bit")
+    if not torch.equal(qw.g_idx.cpu(), default_g_idx(qw.in_features, qw.group_size)):
+        raise ValueError("the awq layout has no g_idx: groups must be consecutive input columns")
+    return {
+        "qweight": pack_int32(_awq_columns(qw.codes.T, AWQ_ORDER), 4, dim=1),
+        "qzeros": pack_int32(_awq_columns(qw.zeros.T, AWQ_ORDER), 4, dim=1),
+        "scales": qw.scales.T.to(torch.float16).contiguous(),
+    }
+
+
+def unpack_awq(tensors: dict[str, torch.Tensor], group_size: int, sym: bool) -> QuantizedWeight:
+    """Exact inverse of pack_awq."""
+    codes = _awq_columns(unpack_int32(tensors["qweight"], 4, dim=1), AWQ_INVERSE).T
+    zeros = _awq_columns(unpack_int32(tensors["qzeros"], 4, dim=1), AWQ_INVERSE).T.to(torch.int32)
+    return QuantizedWeight(codes.contiguous(), tensors["scales"].float().T.contiguous(), zeros.contiguous(),
+                           default_g_idx(codes.shape[1], group_size), 4, group_size, sym)
