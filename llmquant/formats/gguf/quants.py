@@ -496,17 +496,26 @@ class _Symmetric32(BlockFormat):
     @classmethod
     def _encode(cls, x, qw):
         d, levels = cls._levels(x, qw)
-        parts = [_half_bytes(d)]
-        if cls.bits == 5:
-            parts.append(_pack_bits((levels.to(torch.int64) >> 4).reshape(*levels.shape[:-1], 4, 8)))
-        return torch.cat(parts + [_pack_nibble_pairs(levels, 16)], -1)
+        return _encode_levels([_half_bytes(d)], levels, cls.bits)
 
     @classmethod
     def _decode(cls, raw):
-        levels = _unpack_nibble_pairs(raw[..., -16:], 16)
-        if cls.bits == 5:
-            levels = levels | (_unpack_bits(raw[..., 2:6]) << 4)
+        levels = _decode_levels(raw, cls.bits, 2)
         return _read_half(raw, 0) * (levels - (1 << (cls.bits - 1))).to(torch.float32)
+
+
+def _encode_levels(header: list, levels: torch.Tensor, bits: int) -> torch.Tensor:
+    """A 32-weight block: header bytes, then (Q5 only) the 32 fifth bits, then the low nibbles."""
+    if bits == 5:
+        header = [*header, _pack_bits((levels.to(torch.int64) >> 4).reshape(*levels.shape[:-1], 4, 8))]
+    return torch.cat([*header, _pack_nibble_pairs(levels, 16)], -1)
+
+
+def _decode_levels(raw: torch.Tensor, bits: int, header_bytes: int) -> torch.Tensor:
+    levels = _unpack_nibble_pairs(raw[..., -16:], 16)
+    if bits == 5:
+        levels = levels | (_unpack_bits(raw[..., header_bytes:header_bytes + 4]) << 4)
+    return levels
 
 
 class _Affine32(BlockFormat):
@@ -530,17 +539,11 @@ class _Affine32(BlockFormat):
     @classmethod
     def _encode(cls, x, qw):
         d, m, levels = cls._levels(x, qw)
-        parts = [_half_bytes(d), _half_bytes(m)]
-        if cls.bits == 5:
-            parts.append(_pack_bits((levels.to(torch.int64) >> 4).reshape(*levels.shape[:-1], 4, 8)))
-        return torch.cat(parts + [_pack_nibble_pairs(levels, 16)], -1)
+        return _encode_levels([_half_bytes(d), _half_bytes(m)], levels, cls.bits)
 
     @classmethod
     def _decode(cls, raw):
-        levels = _unpack_nibble_pairs(raw[..., -16:], 16)
-        if cls.bits == 5:
-            levels = levels | (_unpack_bits(raw[..., 4:8]) << 4)
-        return _read_half(raw, 0) * levels.to(torch.float32) + _read_half(raw, 2)
+        return _read_half(raw, 0) * _decode_levels(raw, cls.bits, 4).to(torch.float32) + _read_half(raw, 2)
 
 
 class Q4_0(_Symmetric32):
