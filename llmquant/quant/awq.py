@@ -1,0 +1,266 @@
+"""AWQ: activation-aware weight quantization (Lin et al., 2023).
+
+Input channels that carry large activations matter most, so before rounding each scaling group
+(the linears reading one op's output) gets its input columns multiplied by s, and the previous op's
+output is divided by s: the float block computes the same function, but the salient columns now
+sit on a finer part of the grid. s = mean|x|^alpha (optionally / weight-magnitude^(1 - alpha)),
+with alpha searched on a grid. Then each group's weight range is shrunk where that lowers the
+output error, and an inner solver (RTN or GPTQ) quantizes the transformed block.
+
+Every output error here is E||(W - Q(W)) x||^2 = tr(D G D^T) with G = E[x x^T], the Gram matrix of
+the calibration inputs: exact for the tokens G was built from, and costs in^2 per row instead of
+one matmul over every cached token per candidate (so no activations are kept for the search).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..runner import BlockInputs, forward_block
+from .gptq import Hessian, _one_thread
+from .grid import QuantizedWeight, QuantSpec, fit_range, round_to_grid
+
+# attention logits are products q.k: a per-output error of each alone misjudges clipping (AutoAWQ skips them too)
+NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")
+
+
+class InputStats:
+    """What the search needs of one scaling group's input: per-channel mean |x| over every token, and
+    G = E[x x^T] over every `stride`-th token (the Gram is the costly part)."""
+
+    def __init__(self, columns: int, device, stride: int = 1):
+        self.abs_sum = torch.zeros(columns, device=device, dtype=torch.float64)
+        self.tokens = 0
+        self.hessian = Hessian(columns, device)  # 2 E[x x^T]
+        self.stride = stride
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.abs_sum += x.abs().sum(0, dtype=torch.float64)
+        self.tokens += x.shape[0]
+        self.hessian.add(x[::self.stride])
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return (self.abs_sum / max(self.tokens, 1)).float()
+
+    @property
+    def gram(self) -> torch.Tensor:
+        return self.hessian.H / 2
+
+
+def _grouped(weight: torch.Tensor, width: int) -> torch.Tensor:
+    """weight [out, in] as [out, groups, width]. A short last group is padded with zero columns, which
+    change neither its fitted range (a range always contains 0) nor any output (0 rounds to 0)."""
+    out_f, in_f = weight.shape
+    return torch.nn.functional.pad(weight.float(), (0, -in_f % width)).view(out_f, -1, width)
+
+
+def fake_quantize(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """What RTN with min-max ranges rebuilds from `weight` (rtn(weight, spec).dequantize(), without the
+    gathers of the general, g_idx-driven path)."""
+    w = _grouped(weight, spec.width(weight.shape[1]))
+    scale, zero = fit_range(w.amin(-1), w.amax(-1), spec)
+    scale, zero = scale[..., None], zero[..., None]
+    q = (round_to_grid(w, scale, zero, spec.maxq) - zero) * scale
+    return q.flatten(1)[:, :weight.shape[1]]
+
+
+def output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:
+    """E||(weight - approx) x||^2 summed over output rows, for inputs with Gram matrix `gram`."""
+    d = (approx - weight).float()
+    return float(((d @ gram) * d).sum())
+
+
+def weight_magnitude(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per input channel: mean over rows of |w| relative to the largest |w| of its (row, group)."""
+    w = _grouped(weight.abs(), group_size if group_size != -1 else weight.shape[1])
+    return (w / (w.amax(-1, keepdim=True) + 1e-6)).flatten(1)[:, :weight.shape[1]].mean(0)
+
+
+def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    """s = x^alpha (/ w^(1-alpha) with duo scaling), normalised so that max(s) * min(s) = 1."""
+    s = x_mean.clamp_min(1e-4).pow(alpha)
+    if w_mean is not None:
+        s = (s / (w_mean.pow(1 - alpha) + 1e-4)).clamp_min(1e-4)
+    s = s / (s.max() * s.min()).sqrt()
+    return torch.where(torch.isfinite(s), s, torch.ones_like(s))
+
+
+def search_scale(weight: torch.Tensor, gram: torch.Tensor, x_mean: torch.Tensor, spec: QuantSpec,
+                 n_grid: int = 20, duo_scaling: bool = True) -> dict:
+    """The s minimising the output error of the rows of `weight` (a group's linears, concatenated)
+    after Q(W diag(s)) diag(1/s). No scaling (s = 1) is always a candidate, so the result is never
+    worse than plain rounding on these inputs."""
+    weight = weight.float()
+    w_mean = weight_magnitude(weight, spec.group_size) if duo_scaling else None
+    identity = output_error(weight, fake_quantize(weight, spec), gram)
+    best = {"alpha": None, "scales": torch.ones_like(x_mean), "error": identity, "error_identity": identity}
+    with _one_thread(weight.device.type == "cpu"):
+        for i in range(n_grid):
+            alpha = i / n_grid
+            s = candidate_scales(x_mean, w_mean, alpha)
+            error = output_error(weight, fake_quantize(weight * s, spec) / s, gram)
+            if error < best["error"]:
+                best.update(alpha=alpha, scales=s, error=error)
+    return best
+
+
+def _diagonal_blocks(gram: torch.Tensor, width: int) -> torch.Tensor:
+    """The [groups, width, width] diagonal blocks of gram, zero-padded like _grouped pads the weight."""
+    pad = -gram.shape[0] % width
+    g = torch.nn.functional.pad(gram, (0, pad, 0, pad))
+    groups = g.shape[0] // width
+    return torch.diagonal(g.view(groups, width, groups, width), dim1=0, dim2=2).permute(2, 0, 1)
+
+
+def search_clip(weight: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, n_grid: int = 20,
+                max_shrink: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (row, group) shrink factor of the weight range (1, 1 - 1/n_grid, ... down to 1 - max_shrink)
+    minimising that group's share of the output error; returns (clamped weight, factors [out, groups]).
+    Groups are judged independently (cross-group terms of the Gram are left out), as in AWQ."""
+    in_f = weight.shape[1]
+    w, blocks = _grouped(weight, spec.width(in_f)), _diagonal_blocks(gram, spec.width(in_f))
+    wmin, wmax = w.amin(-1), w.amax(-1)
+    if spec.sym:
+        wmax = torch.maximum(-wmin, wmax)
+        wmin = -wmax
+    best_err = torch.full_like(wmin, float("inf"))
+    best_p = torch.ones_like(wmin)
+    with _one_thread(weight.device.type == "cpu"):
+        for i in range(int(max_shrink * n_grid)):
+            p = 1 - i / n_grid
+            lo, hi = p * wmin, p * wmax
+            scale, zero = (t[..., None] for t in fit_range(lo, hi, spec))
+            clamped = torch.maximum(torch.minimum(w, hi[..., None]), lo[..., None])
+            d = ((round_to_grid(clamped, scale, zero, spec.maxq) - zero) * scale - w).transpose(0, 1)
+            err = (torch.bmm(d, blocks) * d).sum(-1).T  # [out, groups]: each group's share of the error
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_p = torch.where(better, torch.full_like(best_p, p), best_p)
+    lo, hi = (best_p * wmin)[..., None], (best_p * wmax)[..., None]
+    clamped = torch.maximum(torch.minimum(w, hi), lo).flatten(1)[:, :in_f]
+    return clamped.to(weight.dtype), best_p
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """Norms that multiply by their weight (RMSNorm of Llama/Mistral/Qwen, LayerNorm). Gemma-style
+    norms scale by (1 + weight) and would need a different fold."""
+    name = type(module).__name__
+    return isinstance(module, nn.LayerNorm) or (name.endswith("RMSNorm") and not name.startswith("Gemma"))
+
+
+def can_fold(previous: nn.Module, channels: int) -> bool:
+    """Whether `previous` has one output channel per input channel of the group (GQA's v_proj -> o_proj
+    has not: o_proj reads each v head several times)."""
+    if isinstance(previous, nn.Linear):
+        return previous.out_features == channels
+    return _is_norm(previous) and previous.weight is not None and previous.weight.shape == (channels,)
+
+
+@torch.no_grad()
+def fold_scales(block: nn.Module, previous: str, linears: list[str], scales: torch.Tensor) -> None:
+    """Divide the output of `previous` by s and multiply the input columns of `linears` by s: the block
+    computes the same function, with the scaled columns now in the weights."""
+    prev = block.get_submodule(previous)
+    s = scales.to(prev.weight.device, torch.float32)
+    if not can_fold(prev, s.numel()):
+        raise UserError(f"cannot fold AWQ scales into '{previous}' ({type(prev).__name__})")
+    if isinstance(prev, nn.Linear):
+        prev.weight.copy_(prev.weight.float() / s[:, None])
+    else:
+        prev.weight.copy_(prev.weight.float() / s)
+    if getattr(prev, "bias", None) is not None:
+        prev.bias.copy_(prev.bias.float() / s)
+    for name in linears:
+        linear = block.get_submodule(name)
+        linear.weight.copy_(linear.weight.float() * s)
+
+
+class _NoStatistics:
+    """For an inner solver that needs none (RTN): the runner still offers the inputs; they are dropped."""
+
+    def add(self, x: torch.Tensor) -> None:
+        pass
+
+
+class AWQSolver:
+    """The runner's AWQ solver: `prepare_block` searches and folds the scales and clips the weights of
+    each block; `inner` (RTNSolver or GPTQSolver) then quantizes the transformed block."""
+
+    calibrated = True
+
+    def __init__(self, inner, spec: QuantSpec, scaling_pairs, targets: set[str] | None = None,
+                 n_grid: int = 20, duo_scaling: bool = True, clip: bool = True, max_tokens: int = 64 * 512):
+        if not scaling_pairs:
+            raise ValueError("AWQ needs the architecture's scaling pairs (previous op -> linears)")
+        self.inner, self.spec, self.pairs, self.targets = inner, spec, scaling_pairs, targets
+        self.n_grid, self.duo_scaling, self.clip, self.max_tokens = n_grid, duo_scaling, clip, max_tokens
+        self.report: dict[str, dict] = {}
+        self._search: dict[str, dict] = {}  # per linear, until quantize merges it into report
+
+    def _quantized(self, full_name: str) -> bool:
+        return self.targets is None or full_name in self.targets
+
+    @torch.no_grad()
+    def prepare_block(self, block: nn.Module, prefix: str, inputs: BlockInputs, batch: int) -> None:
+        start = time.perf_counter()
+        stride = max(1, math.ceil(inputs.hidden.shape[0] * inputs.hidden.shape[1] / self.max_tokens))
+        stats, hooks = {}, []
+        for previous, names in self.pairs:
+            reader = block.get_submodule(names[0])
+            stats[previous] = InputStats(reader.in_features, reader.weight.device, stride)
+            hooks.append(reader.register_forward_pre_hook(lambda m, args, st=stats[previous]: st.add(args[0])))
+        try:
+            forward_block(block, inputs, batch, update=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        chosen = {}
+        for previous, names in self.pairs:  # every scale is folded before any clip is searched
+            quantized = [n for n in names if self._quantized(prefix + n)]
+            if not quantized:
+                continue
+            st = stats[previous]
+            gram = st.gram
+            entry = {"awq_pair": previous, "awq_tokens": st.tokens}
+            if can_fold(block.get_submodule(previous), gram.shape[0]):
+                weight = torch.cat([block.get_submodule(n).weight for n in quantized])
+                best = search_scale(weight, gram, st.mean_abs, self.spec, self.n_grid, self.duo_scaling)
+                fold_scales(block, previous, list(names), best["scales"])
+                chosen[previous] = (best["scales"], gram)
+                entry.update(awq_scaled=True, awq_alpha=best["alpha"], awq_error=best["error"],
+                             awq_error_identity=best["error_identity"])
+            else:  # e.g. v_proj -> o_proj under grouped-query attention
+                chosen[previous] = (torch.ones(gram.shape[0], device=gram.device), gram)
+                entry["awq_scaled"] = False
+            self._search.update({prefix + n: dict(entry) for n in quantized})
+        for previous, names in self.pairs:
+            if previous not in chosen:
+                continue
+            s, gram = chosen[previous]
+            gram = gram / (s[:, None] * s[None, :])  # the inputs now arrive divided by s
+            for n in names:
+                if not self.clip or n in NO_CLIP or not self._quantized(prefix + n):
+                    continue
+                linear = block.get_submodule(n)
+                clamped, shrink = search_clip(linear.weight, gram, self.spec, self.n_grid)
+                linear.weight.copy_(clamped)
+                self._search[prefix + n]["awq_clip_mean"] = float(shrink.mean())
+        seconds = time.perf_counter() - start
+        for n in self._search:
+            if n.startswith(prefix):
+                self._search[n]["awq_block_seconds"] = seconds
+
+    def observer(self, names, linears):
+        return self.inner.observer(names, linears) if self.inner.calibrated else _NoStatistics()
+
+    def quantize(self, name: str, linear: nn.Linear, observer) -> QuantizedWeight:
+        qw = self.inner.quantize(name, linear, observer if self.inner.calibrated else None)
+        self.report[name] = {**self._search.pop(name, {}), **self.inner.report.get(name, {})}
+        return qw
