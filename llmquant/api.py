@@ -177,7 +177,8 @@ def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: boo
         qconfig = gptq_config(spec.bits, spec.group_size, spec.sym,
                               desc_act=config.act_order and not config.static_groups, method=config.method,
                               skipped=skipped, clip=spec.clip, source=str(model), damp_percent=config.damp,
-                              static_groups=config.static_groups)
+                              static_groups=config.static_groups, block_linears=adapter.linears(),
+                              blocks=len(adapter.blocks(float_model)))
     report = {"method": config.method, "linears": solver.report} if solver.report else None
     save_quantized(out, float_model, quantized, source, qconfig, force=force, report=report)
     info = describe(out)

@@ -135,3 +135,13 @@ def test_reader_rejects_bad_checkpoints(tiny_model_dir, tmp_path):
     (q / "model.safetensors").write_bytes(b"\xff" * 64)  # header length far beyond the file
     with pytest.raises(UserError, match="not a valid safetensors file"):
         llmquant.load(q)
+
+
+def test_float_linears_are_declared_for_gptqmodel_and_transformers():
+    skipped = [f"model.layers.{i}.mlp.{n}" for i in range(2) for n in ("gate_proj", "up_proj")]
+    linears = ["self_attn.q_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    config = gptq_config(3, 32, True, skipped=skipped, block_linears=linears, blocks=2)
+    assert len(config["dynamic"]) == 4 and all(k.startswith("-:^model") for k in config["dynamic"])
+    assert config["modules_in_block_to_quantize"] == [["self_attn.q_proj", "mlp.down_proj"]]
+    uneven = gptq_config(3, 32, True, skipped=skipped[:1], block_linears=linears, blocks=2)
+    assert "modules_in_block_to_quantize" not in uneven

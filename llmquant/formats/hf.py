@@ -31,7 +31,8 @@ COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", 
 
 
 def gptq_config(bits: int, group_size: int, sym: bool, desc_act: bool = False, method: str = "rtn",
-                skipped: list[str] = (), static_groups: bool = False, **meta) -> dict:
+                skipped: list[str] = (), static_groups: bool = False, block_linears: list[str] = (),
+                blocks: int = 0, **meta) -> dict:
     """The `quantization_config` of a gptq checkpoint (also written as quantize_config.json)."""
     config = {
         "quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym,
@@ -41,6 +42,11 @@ def gptq_config(bits: int, group_size: int, sym: bool, desc_act: bool = False, m
     }
     if skipped:  # GPTQModel's per-module override: a leading "-:" leaves the module in float
         config["dynamic"] = {f"-:^{re.escape(name)}$": {} for name in skipped}
+        # transformers/optimum ignore `dynamic`; they take a per-block list of the quantized linears,
+        # which can say the same thing when the same linears stay in float in every block
+        suffixes = {name.split(".", 3)[-1] for name in skipped}
+        if blocks and len(skipped) == blocks * len(suffixes):
+            config["modules_in_block_to_quantize"] = [[n for n in block_linears if n not in suffixes]]
     return config
 
 
