@@ -32,8 +32,8 @@ class Solver(Protocol):
     calibrated: bool  # False: quantizes from the weight alone, no forward passes
     report: dict[str, dict]  # per-linear figures (loss, time, fallbacks), filled by quantize
 
-    def observer(self, names: list[str], linears: list[nn.Linear]) -> Observer:
-        """Statistics of the input shared by a sequential group of linears (e.g. q/k/v)."""
+    def observer(self, names: list[str], linears: list[nn.Linear]) -> Observer | None:
+        """Statistics of the input shared by a sequential group of linears (e.g. q/k/v); None: none needed."""
 
     def quantize(self, name: str, linear: nn.Linear, observer: Observer | None) -> QuantizedWeight: ...
 
@@ -172,6 +172,7 @@ def run_layers(model: nn.Module, adapter: ArchAdapter, solver: Solver, targets: 
             observer = None
             if solver.calibrated:  # the group's linears read one input: observe it once
                 observer = solver.observer([prefix + n for n in names], list(linears.values()))
+            if observer is not None:  # None: this solver needs no statistics for the group
                 hook = linears[names[0]].register_forward_pre_hook(_observe_then_stop(observer))
                 try:
                     forward_block(block, inputs, batch, update=False)

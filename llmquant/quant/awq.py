@@ -182,13 +182,6 @@ def fold_scales(block: nn.Module, previous: str, linears: list[str], scales: tor
         linear.weight.copy_(linear.weight.float() * s)
 
 
-class _NoStatistics:
-    """For an inner solver that needs none (RTN): the runner still offers the inputs; they are dropped."""
-
-    def add(self, x: torch.Tensor) -> None:
-        pass
-
-
 class AWQSolver:
     """The runner's AWQ solver: `prepare_block` searches and folds the scales and clips the weights of
     each block; `inner` (RTNSolver or GPTQSolver) then quantizes the transformed block."""
@@ -258,7 +251,7 @@ class AWQSolver:
                 self._search[n]["awq_block_seconds"] = seconds
 
     def observer(self, names, linears):
-        return self.inner.observer(names, linears) if self.inner.calibrated else _NoStatistics()
+        return self.inner.observer(names, linears) if self.inner.calibrated else None  # runner skips the pass
 
     def quantize(self, name: str, linear: nn.Linear, observer) -> QuantizedWeight:
         qw = self.inner.quantize(name, linear, observer if self.inner.calibrated else None)
