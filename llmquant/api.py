@@ -20,9 +20,9 @@ from .quant.gptq import GPTQSolver
 from .quant.rtn import RTNSolver
 from .runner import run_layers
 
-METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+METHODS = ("rtn", "gptq", "awq", "awq+gptq", "imatrix")
 FORMATS = ("gptq", "awq", "gguf")
-IMPLEMENTED = {"methods": ("rtn", "gptq", "awq", "awq+gptq"), "formats": ("gptq", "awq")}
+IMPLEMENTED = {"methods": METHODS, "formats": FORMATS}
 
 
 @dataclass
@@ -45,6 +45,9 @@ class QuantConfig:
     block_size: int = 128
     # AWQ
     duo_scaling: bool = True  # candidate scales mean|x|^a / mean|w|^(1-a), not mean|x|^a alone
+    # GGUF
+    gguf_type: str = "Q4_K_M"  # llama.cpp mix name
+    tensor_types: list[str] = field(default_factory=list)  # PATTERN=TYPE overrides
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -57,6 +60,10 @@ class QuantConfig:
         if self.format not in IMPLEMENTED["formats"]:
             raise UserError(f"format '{self.format}' is not available yet in this version "
                             f"(available: {', '.join(IMPLEMENTED['formats'])})")
+        if self.method == "imatrix" and self.format != "gguf":
+            raise UserError("--method imatrix weights GGUF block fits; use it with --format gguf")
+        if self.format != "gguf" and (self.tensor_types or self.gguf_type != "Q4_K_M"):
+            raise UserError("--gguf-type and --tensor-type belong to --format gguf")
         if self.bits not in SUPPORTED_BITS:
             raise UserError(f"the {self.format} format stores {', '.join(map(str, SUPPORTED_BITS))} bits, "
                             f"not {self.bits}")
@@ -102,6 +109,7 @@ class QuantReport:
     bpw: float
     quantized_linears: int
     skipped: list[str] = field(default_factory=list)
+    gguf_types: dict[str, str] | None = None  # GGUF: tensor name -> block type
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -135,6 +143,14 @@ def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: boo
     from .resume import WorkDir, fingerprint
 
     config.validate()
+    if config.format == "gguf":
+        if work_dir is not None:
+            raise UserError("--work-dir is not available with --format gguf yet")
+        from .formats.gguf.export import export_gguf
+
+        figures = export_gguf(model, config, Path(out), force=force, progress=progress)
+        return QuantReport(str(out), config.method, config.bits, config.group_size, config.sym, figures["seconds"],
+                           figures["size_bytes"], figures["bpw"], figures["linears"], gguf_types=figures["types"])
     if resume and work_dir is None:
         raise UserError("--resume needs the --work-dir of the run to continue")
     if work_dir is not None and config.method.startswith("awq"):

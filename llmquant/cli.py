@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", metavar="MODEL")
     q.add_argument("--method", default="rtn",
                    help="rtn | gptq | awq (activation-aware scales and clipping, then RTN) | awq+gptq (AWQ "
-                        "scales and clipping, then GPTQ) (default: rtn)")
+                        "scales and clipping, then GPTQ) | imatrix (GGUF: block fits weighted by the mean "
+                        "square of each input column, as llama.cpp's imatrix) (default: rtn)")
     q.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default: 4)")
     q.add_argument("--group-size", type=int, default=128,
                    help="input columns sharing a scale and zero; -1 = per output channel (default: 128)")
@@ -60,10 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     aq = q.add_argument_group("AWQ")
     aq.add_argument("--no-duo-scaling", dest="duo_scaling", action="store_false",
                     help="search scales mean|x|^a alone instead of mean|x|^a / mean|w|^(1-a)")
+    gg = q.add_argument_group("GGUF")
+    gg.add_argument("--gguf-type", default="Q4_K_M",
+                    help="llama.cpp mix: Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_0, Q4_1, Q4_K_S, Q4_K_M, Q5_0, Q5_1, "
+                         "Q5_K_S, Q5_K_M, Q6_K, Q8_0, F16, BF16, F32 (default: Q4_K_M); per-tensor types follow "
+                         "llama-quantize's rules")
+    gg.add_argument("--tensor-type", dest="tensor_types", action="append", default=[], metavar="PATTERN=TYPE",
+                    help="give tensors whose GGUF name matches the regex PATTERN the block TYPE (e.g. "
+                         "attn_v=Q8_0); repeatable, first match wins")
     q.add_argument("--format", default="gptq",
-                   help="gptq | awq (AWQ GEMM layout, 4-bit only) | gguf (default: gptq); any method writes "
-                        "either layout")
-    q.add_argument("--out", required=True, help="output directory (written atomically)")
+                   help="gptq | awq (AWQ GEMM layout, 4-bit only) | gguf (one llama.cpp file; --bits and "
+                        "--group-size then only steer AWQ's search) (default: gptq)")
+    q.add_argument("--out", required=True, help="output directory, or file for --format gguf (written atomically)")
     q.add_argument("--device", default="cpu", help="where blocks are quantized: cpu | cuda (default: cpu)")
     q.add_argument("--force", action="store_true", help="replace --out if it exists")
     q.add_argument("--work-dir", help="keep a durable record of every finished block here, so an interrupted "
@@ -124,7 +133,7 @@ def cmd_quantize(args) -> None:
 
     config = QuantConfig(args.method, args.bits, args.group_size, args.sym, args.clip, args.format, args.calib,
                          args.n_samples, args.seqlen, args.seed, args.device, args.act_order, args.static_groups,
-                         args.damp, args.block_size, args.duo_scaling)
+                         args.damp, args.block_size, args.duo_scaling, args.gguf_type.upper(), args.tensor_types)
     config.validate()
     text = _eval_text(args.eval_data) if args.eval else None  # fail before the long work, not after
     if args.calib and config.method == "rtn":
@@ -137,8 +146,13 @@ def cmd_quantize(args) -> None:
     if args.json:
         print(json.dumps(result))
         return
-    print(f"wrote {report.out}: {report.quantized_linears} linears at {report.bits} bits, group "
-          f"{report.group_size}, {'sym' if report.sym else 'asym'}")
+    if report.gguf_types:
+        from .formats.gguf.export import describe_types
+
+        print(f"wrote {report.out}: GGUF {config.gguf_type} by {config.method}; {describe_types(report.gguf_types)}")
+    else:
+        print(f"wrote {report.out}: {report.quantized_linears} linears at {report.bits} bits, group "
+              f"{report.group_size}, {'sym' if report.sym else 'asym'}")
     print(f"  size {report.size_bytes / 2**20:.1f} MiB, {report.bpw:.3f} bits per quantized weight, "
           f"{report.seconds:.1f} s")
     if report.skipped:

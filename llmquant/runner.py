@@ -35,7 +35,9 @@ class Solver(Protocol):
     def observer(self, names: list[str], linears: list[nn.Linear]) -> Observer | None:
         """Statistics of the input shared by a sequential group of linears (e.g. q/k/v); None: none needed."""
 
-    def quantize(self, name: str, linear: nn.Linear, observer: Observer | None) -> QuantizedWeight: ...
+    def quantize(self, name: str, linear: nn.Linear, observer: Observer | None) -> QuantizedWeight:
+        """The linear's weight on the solver's grid (or a GGUF BlockTensor): anything with
+        `dequantize(dtype)` and `cpu()`."""
 
 
 class _Captured(Exception):
@@ -181,7 +183,7 @@ def run_layers(model: nn.Module, adapter: ArchAdapter, solver: Solver, targets: 
             for n in names:
                 qw = solver.quantize(prefix + n, linears[n], observer)
                 _write_back(linears[n], qw, compute_dtype)
-                block_results[prefix + n] = _to_cpu(qw)
+                block_results[prefix + n] = qw.cpu()
         if solver.calibrated:
             forward_block(block, inputs, batch, update=True)
         block.to(device="cpu", dtype=model_dtype)
@@ -193,7 +195,3 @@ def run_layers(model: nn.Module, adapter: ArchAdapter, solver: Solver, targets: 
     bar.close()
     return results
 
-
-def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:
-    return QuantizedWeight(qw.codes.cpu(), qw.scales.cpu(), qw.zeros.cpu(), qw.g_idx.cpu(), qw.bits,
-                           qw.group_size, qw.sym)

@@ -1,4 +1,4 @@
-"""Write a directory so that it either appears complete or not at all.
+"""Write a directory (or a single file) so that it either appears complete or not at all.
 
 Everything goes into a hidden temporary sibling that is renamed into place at the end; any error
 or interrupt (Ctrl-C, disk full) removes it. A `kill -9` can leave the hidden temporary behind,
@@ -16,18 +16,18 @@ from pathlib import Path
 from ..errors import UserError
 
 
-def check_destination(dest: Path, force: bool) -> None:
+def check_destination(dest: Path, force: bool, directory: bool = True) -> None:
     if dest.exists() and not force:
         raise UserError(f"output {dest} exists; pass --force to replace it")
-    if dest.exists() and not dest.is_dir():
-        raise UserError(f"output {dest} exists and is not a directory")
+    if dest.exists() and dest.is_dir() != directory:
+        raise UserError(f"output {dest} exists and is {'not ' * directory}a directory")
 
 
-def _finish_tree(root: Path) -> None:
-    """Flush everything to disk and give it the usual permissions (mkdtemp and safetensors use 0600/0700)."""
+def _finish(paths: list[Path]) -> None:
+    """Flush to disk and give the usual permissions (mkstemp, mkdtemp and safetensors use 0600/0700)."""
     umask = os.umask(0)
     os.umask(umask)
-    for path in [*root.rglob("*"), root]:
+    for path in paths:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
         flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
         fd = os.open(path, flags)
@@ -46,7 +46,7 @@ def atomic_directory(dest: Path, force: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".incomplete", dir=dest.parent))
     try:
         yield tmp
-        _finish_tree(tmp)
+        _finish([*tmp.rglob("*"), tmp])
         if dest.exists():
             old = dest.with_name(f".{dest.name}.replaced")
             shutil.rmtree(old, ignore_errors=True)
@@ -60,4 +60,25 @@ def atomic_directory(dest: Path, force: bool = False):
         raise UserError(f"writing {dest} failed: {err.strerror or err}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(dest: Path, force: bool = False):
+    """Yield a temporary file path beside `dest`; on success it is flushed and renamed onto `dest`."""
+    dest = Path(dest)
+    check_destination(dest, force, directory=False)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".incomplete", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        _finish([tmp])
+        os.replace(tmp, dest)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"writing {dest} failed: {err.strerror or err}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise

@@ -68,6 +68,10 @@ class QuantizedWeight:
         z = self.zeros[:, g]
         return ((self.codes.to(torch.float32) - z) * s).to(dtype)
 
+    def cpu(self) -> QuantizedWeight:
+        return QuantizedWeight(self.codes.cpu(), self.scales.cpu(), self.zeros.cpu(), self.g_idx.cpu(), self.bits,
+                               self.group_size, self.sym)
+
     @property
     def out_features(self) -> int:
         return self.codes.shape[0]

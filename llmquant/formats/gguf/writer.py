@@ -1,0 +1,231 @@
+"""A GGUF v3 file llama.cpp runs with nothing else: hyperparameters, tokenizer, tensors.
+
+Names come from the `gguf` package's tensor-name maps; keys from its writer. What this module
+adds is the knowledge of how a Hugging Face checkpoint maps onto llama.cpp's conventions: the
+Llama family stores q/k rows in rotary-pair order (`permute_rows`), tied embeddings are written
+once as token_embd, and the BPE pre-tokenizer is named so llama.cpp splits text as the HF
+tokenizer does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from ...errors import UserError
+from ..atomic import atomic_file
+
+ARCHES = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2,
+          "qwen3": gguf.MODEL_ARCH.QWEN3}
+PERMUTED = {gguf.MODEL_ARCH.LLAMA}  # archs whose rotary q/k rows llama.cpp expects interleaved
+
+# llama.cpp's pre-tokenizer names for the split regexes HF tokenizers use (llama-vocab.cpp)
+_SPLIT_PRE = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+": "llama-bpe",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+": "qwen2",
+}
+
+
+@dataclass
+class Tensor:
+    """One tensor as it goes into the file: GGUF name, block type, and its bytes (or float values)."""
+
+    name: str
+    type: gguf.GGMLQuantizationType
+    data: np.ndarray  # uint8 [rows, row bytes] (or [bytes] for a vector), as the block codecs encode it
+
+
+def arch_of(model_type: str) -> gguf.MODEL_ARCH:
+    try:
+        return ARCHES[model_type]
+    except KeyError:
+        raise UserError(f"GGUF export does not know architecture '{model_type}' "
+                        f"(supported: {', '.join(sorted(ARCHES))})") from None
+
+
+def gguf_name(hf_name: str, arch: gguf.MODEL_ARCH, n_blocks: int) -> str:
+    """'model.layers.3.self_attn.v_proj.weight' -> 'blk.3.attn_v.weight'."""
+    base, _, suffix = hf_name.rpartition(".")
+    mapped = gguf.get_tensor_name_map(arch, n_blocks).get_name(base)
+    if mapped is None:
+        raise UserError(f"no GGUF name for tensor '{hf_name}' in a {gguf.MODEL_ARCH_NAMES[arch]} model")
+    return f"{mapped}.{suffix}"
+
+
+def permute_rows(rows: torch.Tensor | np.ndarray, heads: int):
+    """HF keeps each head's rotary halves apart ([x0..x31, y0..y31]); llama.cpp's LLAMA rope wants the
+    pairs adjacent ([x0, y0, x1, y1, ...]). Works on float rows and on encoded block rows alike."""
+    n = rows.shape[0]
+    out = rows.reshape(heads, 2, n // heads // 2, *rows.shape[1:])
+    out = out.swapaxes(1, 2) if isinstance(out, np.ndarray) else out.transpose(1, 2)
+    return out.reshape(rows.shape)
+
+
+def unpermute_rows(rows: torch.Tensor, heads: int) -> torch.Tensor:
+    n = rows.shape[0]
+    return rows.reshape(heads, n // heads // 2, 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
+
+
+def heads_of(hf_name: str, config) -> int | None:
+    """Rows of q_proj/k_proj are per-head rotary pairs: the head count to permute them by."""
+    if hf_name.endswith("self_attn.q_proj.weight"):
+        return config.num_attention_heads
+    if hf_name.endswith("self_attn.k_proj.weight"):
+        return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return None
+
+
+def _rope(config) -> dict:
+    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    rope.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    rope["rope_type"] = rope.get("rope_type") or rope.get("type") or "default"
+    return rope
+
+
+def llama3_rope_factors(config) -> np.ndarray:
+    """Llama 3.1's frequency-dependent rope scaling, which llama.cpp reads from a rope_freqs tensor."""
+    rope = _rope(config)
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    freqs = 1.0 / rope["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    old = rope["original_max_position_embeddings"]
+    low, high, factor = rope["low_freq_factor"], rope["high_freq_factor"], rope["factor"]
+    factors = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < old / high:
+            factors.append(1.0)
+        elif wavelen > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(factors, dtype=np.float32)
+
+
+def add_hyperparameters(w: gguf.GGUFWriter, config, name: str) -> list[Tensor]:
+    """Architecture keys; returns extra tensors the rope scaling needs (rope_freqs)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    w.add_name(name)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_vocab_size(config.vocab_size)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    rope = _rope(config)
+    w.add_rope_freq_base(float(rope["rope_theta"]))
+    kind = rope["rope_type"]
+    if kind == "default":
+        return []
+    if kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope["factor"])
+        return []
+    if kind == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rope["factor"])
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        return []
+    if kind == "llama3":
+        factors = llama3_rope_factors(config).view(np.uint8)
+        return [Tensor("rope_freqs.weight", gguf.GGMLQuantizationType.F32, factors)]
+    raise UserError(f"GGUF export does not support rope scaling '{kind}' yet")
+
+
+def _bpe_pre(tok: dict) -> str:
+    """llama.cpp's name for how this tokenizer splits text before BPE."""
+    pre = tok.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"]:
+        pattern = steps[0].get("pattern", {}).get("Regex")
+        if pattern in _SPLIT_PRE:
+            return _SPLIT_PRE[pattern]
+    raise UserError(f"GGUF export does not recognise this tokenizer's pre-tokenizer ({kinds}); llama.cpp would "
+                    f"split text differently from the HF tokenizer")
+
+
+def add_tokenizer(w: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> None:
+    """Vocabulary, token types, merges, special tokens and chat template from the HF tokenizer files."""
+    path = model_dir / "tokenizer.json"
+    if (model_dir / "tokenizer.model").exists():  # SentencePiece: llama.cpp merges by the model's scores
+        _add_sentencepiece(w, model_dir)
+    elif path.exists():
+        _add_byte_level_bpe(w, model_dir, json.loads(path.read_text(encoding="utf-8")), vocab_size)
+    else:
+        raise UserError(f"GGUF export needs {path} or tokenizer.model in {model_dir}")
+    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size).add_to_gguf(w, quiet=True)
+
+
+def _add_sentencepiece(w: gguf.GGUFWriter, model_dir: Path) -> None:
+    try:
+        vocab = gguf.vocab.SentencePieceVocab(model_dir)
+    except ImportError:
+        raise UserError("this model's tokenizer is SentencePiece: pip install sentencepiece") from None
+    tokens, scores, types = zip(*vocab.all_tokens())
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(list(tokens))
+    w.add_token_scores(list(scores))
+    w.add_token_types(list(types))
+
+
+def _add_byte_level_bpe(w: gguf.GGUFWriter, model_dir: Path, tok_json: dict, vocab_size: int) -> None:
+    from transformers import AutoTokenizer
+
+    model = tok_json.get("model", {})
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise UserError(f"GGUF export supports byte-level BPE or SentencePiece tokenizers; {model_dir} has "
+                        f"{model.get('type')}{' with byte fallback but no tokenizer.model' * bool(model.get('byte_fallback'))}")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = {t.content: t for t in tokenizer.added_tokens_decoder.values()}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        text = by_id.get(i)
+        if text is None:  # embedding rows past the tokenizer's vocabulary
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            tokens.append(text)
+            types.append(gguf.TokenType.NORMAL if text not in added
+                         else gguf.TokenType.CONTROL if added[text].special else gguf.TokenType.USER_DEFINED)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(_bpe_pre(tok_json))
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+
+
+def write_gguf(path: Path, arch: gguf.MODEL_ARCH, config, model_dir: Path, tensors: list[Tensor], file_type: int,
+               name: str, force: bool = False) -> None:
+    """Write everything at once into a temporary sibling, renamed into place when complete."""
+    with atomic_file(path, force) as tmp:
+        w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
+        extra = add_hyperparameters(w, config, name)
+        w.add_file_type(file_type)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        w.add_string("general.quantized_by", "llmquant")
+        add_tokenizer(w, model_dir, config.vocab_size)
+        for t in [*extra, *tensors]:
+            w.add_tensor(t.name, t.data, raw_dtype=t.type)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
