@@ -219,13 +219,18 @@ def load(path: str | Path, device: str = "cpu"):
 
 
 def load_any(path: str | Path, device: str = "cpu"):
-    """(model, tokenizer) for a packed or a float checkpoint, ready for inference on `device`.
+    """(model, tokenizer) for a packed or float checkpoint or a GGUF file, ready for inference on `device`.
 
     On the CPU the float parameters are computed in float32 (bfloat16 matmuls there are slow and
     round more) and quantized layers keep their dequantized weight. Packed tensors keep their types.
     """
     from transformers import AutoTokenizer
 
+    from .formats.gguf.reader import is_gguf, load_gguf
+
+    if is_gguf(path):  # weights decoded to float by our block decoders
+        model, tokenizer = load_gguf(path)
+        return model.to(device), tokenizer
     local = resolve_model(path)
     if is_quantized(local):
         model, tokenizer = load_quantized(local, device), AutoTokenizer.from_pretrained(local)

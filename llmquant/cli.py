@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import sys
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Score PATH on non-overlapping windows of a text; with --base, also the mean "
                                    "KL divergence and top-1 agreement against the base model's predictions.")
     e.add_argument("paths", metavar="PATH", nargs="+",
-                   help="packed or float checkpoint (or 'demo'); several are scored on the same windows, "
+                   help="packed or float checkpoint, GGUF file, or 'demo'; several are scored on the same windows, "
                         "the base model running once for all")
     _add_eval_args(e)
     e.add_argument("--base", metavar="MODEL", help="float model to compare against")
@@ -102,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--device", default="cpu")
 
-    i = sub.add_parser("inspect", help="show a packed checkpoint's settings and size")
+    i = sub.add_parser("inspect", help="show a packed checkpoint's (or GGUF file's) settings and size")
     i.add_argument("path", metavar="PATH")
     i.add_argument("--json", action="store_true")
 
@@ -147,9 +148,8 @@ def cmd_quantize(args) -> None:
         print(json.dumps(result))
         return
     if report.gguf_types:
-        from .formats.gguf.export import describe_types
-
-        print(f"wrote {report.out}: GGUF {config.gguf_type} by {config.method}; {describe_types(report.gguf_types)}")
+        counts = collections.Counter(t for name, t in report.gguf_types.items() if name.endswith(".weight"))
+        print(f"wrote {report.out}: GGUF {config.gguf_type} by {config.method}; {_type_summary(counts)}")
     else:
         print(f"wrote {report.out}: {report.quantized_linears} linears at {report.bits} bits, group "
               f"{report.group_size}, {'sym' if report.sym else 'asym'}")
@@ -201,13 +201,26 @@ def cmd_generate(args) -> None:
           f"decode {new} tokens at {streamer.decode_rate(new):.1f} tokens/s]", file=sys.stderr)
 
 
+def _type_summary(counts: dict[str, int]) -> str:
+    """'Q4_K x120, Q6_K x15': a GGUF mix as it came out."""
+    return ", ".join(f"{t} x{n}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def cmd_inspect(args) -> None:
+    from .formats.gguf.reader import describe_gguf, is_gguf
     from .formats.hf import describe
     from .models.loader import resolve_model
 
-    info = describe(resolve_model(args.path))
+    info = describe_gguf(args.path) if is_gguf(args.path) else describe(resolve_model(args.path))
     if args.json:
         print(json.dumps(info))
+        return
+    if info.get("format") == "gguf":
+        types = _type_summary(info["tensor_types"])
+        print(f"{info['path']}: GGUF v{info['version']} {info['architecture']} ({info['name']}), mix {info['mix']}, "
+              f"{info['blocks']} blocks, tokenizer {info['tokenizer']}")
+        print(f"  matrices: {types}; {info['quantized_weights']:,} weights, {info['bpw']:.3f} bits per weight")
+        print(f"  {info['tensors']} tensors, {info['size_bytes'] / 2**20:.1f} MiB")
         return
     print(f"{info['path']}: {info['quant_method']} {info['bits']}-bit, group {info['group_size']}, "
           f"{'sym' if info['sym'] else 'asym'}, desc_act={info['desc_act']}")

@@ -83,11 +83,3 @@ def export_gguf(model, config, out: Path, force: bool = False, progress: bool = 
     return {"seconds": time.perf_counter() - start, "size_bytes": out.stat().st_size, "bpw": 8 * weight_bytes / params,
             "types": {g: t.name for g, t in types.items()}, "linears": len(encoded)}
 
-
-def describe_types(types: dict[str, str]) -> str:
-    """'Q4_K x120, Q6_K x15, ...': the mix as it came out."""
-    counts: dict[str, int] = {}
-    for t in types.values():
-        counts[t] = counts.get(t, 0) + 1
-    return ", ".join(f"{t} x{n}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-

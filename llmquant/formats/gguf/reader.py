@@ -74,6 +74,10 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
         raise UserError(f"{path}: transformers cannot build a model from this GGUF "
                         f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
     arch = arch_of(config.model_type)
+    # transformers' GGUF config mapping drops key_length; Qwen3 heads are not hidden / heads wide
+    head_dim = summary.metadata.get(f"{summary.metadata.get('general.architecture')}.attention.key_length")
+    if head_dim:
+        config.head_dim = head_dim
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     by_name = {t.name: t for t in summary.tensors}

@@ -1,0 +1,76 @@
+"""llama.cpp itself on our GGUF files of the demo model (slow: run with `-m slow`).
+
+Needs llama.cpp built by `bash scripts/build_llama_cpp.sh` (the fixture runs it; ~10 min the first
+time, cached outside the repo) and the Python binding without its own build, pointed at that one:
+    CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" pip install --no-deps llama-cpp-python==0.3.36 diskcache
+(the fixture sets LLAMA_CPP_LIB_PATH). Both fail loudly if missing rather than skip.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmquant.api import QuantConfig, quantize
+from llmquant.formats.gguf.validate import check_gguf
+
+pytestmark = [pytest.mark.slow, pytest.mark.demo]
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "The capital of France is Paris, and the capital of Germany is"
+
+
+@pytest.fixture(scope="module")
+def llama_bin() -> Path:
+    script = REPO / "scripts/build_llama_cpp.sh"
+    subprocess.run(["bash", str(script)], check=True)
+    return Path(subprocess.run(["bash", str(script), "--print-bin"], check=True, capture_output=True,
+                               text=True).stdout.strip())
+
+
+@pytest.fixture(scope="module")
+def demo_files(demo_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf")
+    files = {}
+    for mix in ("F32", "Q8_0", "Q4_K_M", "Q2_K"):
+        files[mix] = root / f"demo-{mix}.gguf"
+        quantize(demo_model_dir, QuantConfig(format="gguf", gguf_type=mix), files[mix], progress=False)
+    return files
+
+
+@pytest.mark.parametrize("mix", ["Q8_0", "Q4_K_M", "Q2_K"])
+def test_llama_cpp_tokenizes_like_hf_and_generates(mix, demo_files, demo_model_dir, llama_bin):
+    os.environ["LLAMA_CPP_LIB_PATH"] = str(llama_bin)
+    import llama_cpp
+    from transformers import AutoTokenizer
+
+    llm = llama_cpp.Llama(str(demo_files[mix]), n_ctx=256, n_threads=2, verbose=False, seed=0)
+    hf = AutoTokenizer.from_pretrained(demo_model_dir)
+    for text in [PROMPT, "Numbers 12345 and  double  spaces,\nnew lines; unicode: café naïve 日本語 <|im_start|>"]:
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == hf(text).input_ids, text
+    out = llm(PROMPT, max_tokens=12, temperature=0.0)["choices"][0]["text"]
+    assert "Berlin" in out, out
+
+
+@pytest.mark.parametrize("mix", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L",
+                                 "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"])
+def test_reference_encoders_match_llama_quantize_byte_for_byte(mix, demo_files, demo_model_dir, llama_bin, tmp_path):
+    """Same F32 input, llama-quantize vs llmquant: every tensor has the same type and the same bytes."""
+    theirs = tmp_path / "llama.gguf"
+    subprocess.run([str(llama_bin / "llama-quantize"), str(demo_files["F32"]), str(theirs), mix, "2"], check=True,
+                   capture_output=True)
+    ours = demo_files.get(mix) or tmp_path / "ours.gguf"
+    if mix not in demo_files:
+        quantize(demo_model_dir, QuantConfig(format="gguf", gguf_type=mix), ours, progress=False)
+    a, b = check_gguf(ours), check_gguf(theirs)
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    assert set(ta) == set(tb)
+    ma, mb = np.memmap(ours, dtype=np.uint8, mode="r"), np.memmap(theirs, dtype=np.uint8, mode="r")
+    for name in ta:
+        x, y = ta[name], tb[name]
+        assert (x.type, x.shape) == (y.type, y.shape), name
+        assert np.array_equal(ma[a.data_offset + x.offset:][:x.nbytes], mb[b.data_offset + y.offset:][:y.nbytes]), name
+    assert a.metadata["general.file_type"] == b.metadata["general.file_type"]
