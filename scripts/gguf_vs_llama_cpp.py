@@ -1,7 +1,7 @@
 """GGUF side by side with llama.cpp's own quantizer, on the demo model (or any float checkpoint).
 
 For each mix: llama-quantize without and with an importance matrix (llama-imatrix on the same
-calibration text), and llmquant's reference and imatrix encoders, all from the same F32 GGUF
+calibration text), and llmquant's reference, imatrix and GPTQ encoders, all from the same F32 GGUF
 that llmquant writes. Reports per mix: whether llmquant's reference file has llama-quantize's
 tensor types and bytes, wall time of both (whole process, 2 threads), and, with --eval-data, ppl
 and KLD vs the float model of every file through llmquant's evaluator (our block decoders).
@@ -60,6 +60,7 @@ def main() -> None:
     p.add_argument("--mixes", nargs="+", default=["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M",
                                                   "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"])
     p.add_argument("--calib", help="calibration text for both imatrix tools (omit: no imatrix rows)")
+    p.add_argument("--methods", nargs="+", default=["imatrix", "gptq"], help="calibrated llmquant methods to run")
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-data", help="evaluation text; omit to skip ppl/KLD")
@@ -92,8 +93,9 @@ def main() -> None:
         if args.calib:
             files["llama.cpp imatrix"] = ([q, "--imatrix", str(imatrix), str(f32), str(out / f"llama-imx-{mix}.gguf"),
                                            mix, "2"], out / f"llama-imx-{mix}.gguf")
-            files["llmquant imatrix"] = ([*llmquant, "--gguf-type", mix, "--method", "imatrix", *calib, "--out",
-                                          str(out / f"ours-imx-{mix}.gguf")], out / f"ours-imx-{mix}.gguf")
+            for method in args.methods:
+                files[f"llmquant {method}"] = ([*llmquant, "--gguf-type", mix, "--method", method, *calib, "--out",
+                                                str(out / f"ours-{method}-{mix}.gguf")], out / f"ours-{method}-{mix}.gguf")
         for who, (cmd, path) in files.items():
             seconds = run(cmd, out / f"{path.stem}.log")
             rows.append({"mix": mix, "who": who, "file": str(path), "seconds": round(seconds, 2),

@@ -19,7 +19,8 @@ from .writer import (
     write_gguf,
 )
 
-GGUF_METHODS = ("rtn", "imatrix", "awq")
+GGUF_METHODS = ("rtn", "imatrix", "gptq", "awq")
+MODE = {"rtn": "reference", "imatrix": "imatrix", "gptq": "gptq", "awq": "reference"}
 
 
 def export_gguf(model, config, out: Path, force: bool = False, progress: bool = True) -> dict:
@@ -54,10 +55,10 @@ def export_gguf(model, config, out: Path, force: bool = False, progress: bool = 
         for linear in adapter.linears():
             full = adapter.block_prefix(index) + linear
             linear_types[full] = types[names[full + ".weight"]]
-    solver = BlockSolver(linear_types, importance=config.method == "imatrix")
+    solver = BlockSolver(linear_types, MODE[config.method], config.damp)
     if config.method == "awq":  # AWQ's search and fold on the integer grid, then the block encoders
-        solver = make_solver(config, config.spec(), adapter.scaling_pairs, set(linear_types))
-        solver.inner = BlockSolver(linear_types, importance=False)
+        awq = make_solver(config, config.spec(), adapter.scaling_pairs, set(linear_types))
+        awq.inner, solver = solver, awq
     samples = None
     if solver.calibrated:
         from ...calibration import load_samples
