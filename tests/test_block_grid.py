@@ -45,7 +45,7 @@ def test_gptq_on_block_grids_beats_importance_weighted_rounding(name):
     """Output error tr(D H D^T): GPTQ's feedback must clearly beat the imatrix fit of the same format."""
     fmt = FORMATS[name]
     weight, H = _layer(512)
-    raw, loss, damp = gptq_blocks(weight, H, fmt)
+    raw, _, damp = gptq_blocks(weight, H, fmt)
     assert raw.shape == (96, 512 // fmt.block_size * fmt.type_size) and damp == 0.01
 
     def output_error(q):

@@ -213,7 +213,7 @@ def test_calibrated_methods_write_files_that_read_back(method, wide_models, tmp_
     report = quantize(wide_models["qwen3"], QuantConfig(method=method, format="gguf", gguf_type="Q3_K_M",
                                                         calib=str(calib), n_samples=8, seqlen=64), out, progress=False)
     assert report.quantized_linears == 14 and report.gguf_types["blk.1.attn_v.weight"] == "Q5_K"
-    model, tok = load_gguf(out)
+    model, _ = load_gguf(out)
     reader = gguf.GGUFReader(out)
     t = next(t for t in reader.tensors if t.name == "blk.1.attn_output.weight")
     expected = gguf.quants.dequantize(np.array(t.data), t.tensor_type)

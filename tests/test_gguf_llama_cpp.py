@@ -69,8 +69,8 @@ def test_reference_encoders_match_llama_quantize_byte_for_byte(mix, demo_files, 
     ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
     assert set(ta) == set(tb)
     ma, mb = np.memmap(ours, dtype=np.uint8, mode="r"), np.memmap(theirs, dtype=np.uint8, mode="r")
-    for name in ta:
-        x, y = ta[name], tb[name]
+    for name, x in ta.items():
+        y = tb[name]
         assert (x.type, x.shape) == (y.type, y.shape), name
         assert np.array_equal(ma[a.data_offset + x.offset:][:x.nbytes], mb[b.data_offset + y.offset:][:y.nbytes]), name
     assert a.metadata["general.file_type"] == b.metadata["general.file_type"]

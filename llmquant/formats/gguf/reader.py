@@ -101,9 +101,9 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    left = [n for n, p in model.named_parameters() if p.is_meta]
+    rotary = model.model.rotary_emb  # its inv_freq is computed, not stored: build it for real
+    model.model.rotary_emb = type(rotary)(config=config)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise UserError(f"{path}: no tensor for {left[0]}")
-    model.model.rotary_emb.to_empty(device="cpu")
-    model.model.rotary_emb.__init__(config)
     return model.eval(), tokenizer
