@@ -74,3 +74,29 @@ def test_reference_encoders_match_llama_quantize_byte_for_byte(mix, demo_files, 
         assert (x.type, x.shape) == (y.type, y.shape), name
         assert np.array_equal(ma[a.data_offset + x.offset:][:x.nbytes], mb[b.data_offset + y.offset:][:y.nbytes]), name
     assert a.metadata["general.file_type"] == b.metadata["general.file_type"]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_llama_cpp_computes_what_transformers_computes(family, llama_bin, tmp_path):
+    """Every family we export: llama.cpp's logits on an F32 file equal the float model's (names, q/k row
+    order, rope, norms, head sizes and biases all have to be right for that)."""
+    os.environ["LLAMA_CPP_LIB_PATH"] = str(llama_bin)
+    import llama_cpp
+    import torch
+    from tiny import make_tiny_model, sample_text
+
+    from llmquant.api import load_any
+
+    src = make_tiny_model(tmp_path / "model", family, hidden=256, intermediate=512, heads=4, kv_heads=2)
+    out = tmp_path / "f32.gguf"
+    quantize(src, QuantConfig(format="gguf", gguf_type="F32"), out, progress=False)
+    model, tok = load_any(src)
+    ids = tok(sample_text(40, seed=5)).input_ids[:48]
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].numpy()
+    llm = llama_cpp.Llama(str(out), n_ctx=128, n_threads=2, verbose=False, logits_all=True,
+                          type_k=0, type_v=0)  # an F32 KV cache: the default F16 one alone moves logits ~1e-3
+    assert llm.tokenize(tok.decode(ids).encode(), add_bos=False) == ids
+    llm.eval(ids)
+    got = np.array(llm.scores[:len(ids)])
+    assert np.abs(got - expected).max() < 1e-3 * np.abs(expected).max() + 1e-4, np.abs(got - expected).max()
