@@ -9,6 +9,7 @@ tokenizer does.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -51,10 +52,15 @@ def arch_of(model_type: str) -> gguf.MODEL_ARCH:
                         f"(supported: {', '.join(sorted(ARCHES))})") from None
 
 
+@functools.cache
+def _name_map(arch: gguf.MODEL_ARCH, n_blocks: int) -> gguf.TensorNameMap:
+    return gguf.get_tensor_name_map(arch, n_blocks)  # builds thousands of patterns: once per model
+
+
 def gguf_name(hf_name: str, arch: gguf.MODEL_ARCH, n_blocks: int) -> str:
     """'model.layers.3.self_attn.v_proj.weight' -> 'blk.3.attn_v.weight'."""
     base, _, suffix = hf_name.rpartition(".")
-    mapped = gguf.get_tensor_name_map(arch, n_blocks).get_name(base)
+    mapped = _name_map(arch, n_blocks).get_name(base)
     if mapped is None:
         raise UserError(f"no GGUF name for tensor '{hf_name}' in a {gguf.MODEL_ARCH_NAMES[arch]} model")
     return f"{mapped}.{suffix}"
