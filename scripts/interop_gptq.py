@@ -70,18 +70,21 @@ def packed_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {name: m for name, m in model.named_modules() if hasattr(m, "qweight") and hasattr(m, "g_idx")}
 
 
-def compare_weights(ours: dict[str, torch.nn.Module], peer: dict[str, torch.nn.Module]) -> dict:
-    """The peer's dequantized weights against ours rounded to the peer's dtype."""
+def gptq_weight(module: torch.nn.Module) -> torch.Tensor:
+    # the class's own method, not the torch.compile wrapper optimize() put on the instance
+    return type(module).dequantize_weight(module)
+
+
+def compare_weights(ours: dict[str, torch.nn.Module], peer: dict[str, torch.nn.Module],
+                    peer_weight=gptq_weight) -> dict:
+    """The peer's dequantized weights ([in, out], by `peer_weight`) against ours rounded to the peer's dtype."""
     if set(ours) != set(peer):
         missing, extra = sorted(set(ours) - set(peer)), sorted(set(peer) - set(ours))
         return {"ok": False, "error": f"packed linears differ: only ours {missing[:3]}, only the peer's {extra[:3]}"}
     worst, mismatched, total, first_bad = 0.0, 0, 0, None
     for name in sorted(ours):
-        module = peer[name]
-        # the class's own method, not the torch.compile wrapper optimize() put on the instance
-        theirs = type(module).dequantize_weight(module).T.float()
-        mine = ours[name].dequantize_weight(torch.float32).to(theirs.device)
-        expected = mine.to(PEER_DTYPE).float()
+        theirs = peer_weight(peer[name]).T.float()
+        expected = ours[name].dequantize_weight(torch.float32).to(theirs.device).to(PEER_DTYPE).float()
         if theirs.shape != expected.shape:
             return {"ok": False, "error": f"{name}: peer weight {tuple(theirs.shape)} vs ours {tuple(expected.shape)}"}
         diff = (theirs - expected).abs()
@@ -105,6 +108,18 @@ def compare_logits(a: torch.Tensor, b: torch.Tensor) -> dict:
     return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()),
             "rel_l2": float((a - b).norm() / b.norm()),
             "top1": float((a.argmax(-1) == b.argmax(-1)).float().mean())}
+
+
+def print_peer(kind: str, e: dict) -> None:
+    """A peer's status and weight comparison, as both interop scripts print them."""
+    status = f"FAIL {e['error']}" if "error" in e else f"{e['seconds']} s: {'ok' if e['ok'] else 'FAIL'}"
+    print(f"  {kind} [{', '.join(e.get('kernel', []))}] {status}")
+    w = e.get("weights")
+    if w and "error" in w:
+        print(f"    weights: {w['error']}")
+    elif w:
+        print(f"    weights: {w['linears']} linears, {w['mismatched']}/{w['elements']} elements differ "
+              f"(max {w['max_abs']:.3g}{', first ' + w['first_mismatch'] if w['first_mismatch'] else ''})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,14 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  ours fp16 vs ours fp32: max {floor['max_abs']:.4g}  mean {floor['mean_abs']:.3g}  "
           f"rel {floor['rel_l2']:.3g}  top1 {floor['top1']:.4f}")
     for kind, e in report["peers"].items():
-        status = f"FAIL {e['error']}" if "error" in e else f"{e['seconds']} s: {'ok' if e['ok'] else 'FAIL'}"
-        print(f"  {kind} [{', '.join(e.get('kernel', []))}] {status}")
-        w = e.get("weights")
-        if w and "error" in w:
-            print(f"    weights: {w['error']}")
-        elif w:
-            print(f"    weights: {w['linears']} linears, {w['mismatched']}/{w['elements']} elements differ "
-                  f"(max {w['max_abs']:.3g}{', first ' + w['first_mismatch'] if w['first_mismatch'] else ''})")
+        print_peer(kind, e)
         if "error" in e:
             continue
         a, b = e["vs_ours_fp32"], e["vs_ours_fp16"]

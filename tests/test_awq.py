@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -211,6 +212,10 @@ def test_awq_checkpoint_loads_and_matches_its_gptq_twin(tiny_model_dir, calib_fi
     assert short.skipped == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
     config = json.loads((tmp_path / "short" / "config.json").read_text())["quantization_config"]
     assert config["modules_to_not_convert"] == short.skipped
+    # GPTQModel ignores modules_to_not_convert and reads quant_config.json first: `dynamic` in both
+    autoawq = json.loads((tmp_path / "short" / "quant_config.json").read_text())
+    for c in (config, autoawq):
+        assert c["dynamic"] == {f"-:^{re.escape(n)}$": {} for n in short.skipped}
     assert isinstance(llmquant.load(tmp_path / "short").model.layers[0].mlp.down_proj, torch.nn.Linear)
 
 

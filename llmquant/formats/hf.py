@@ -40,8 +40,8 @@ def gptq_config(bits: int, group_size: int, sym: bool, desc_act: bool = False, m
         "checkpoint_format": "gptq", "pack_dtype": "int32", "lm_head": False,
         "meta": {"quantizer": [f"llmquant:{__version__}"], "method": method, **meta},
     }
-    if skipped:  # GPTQModel's per-module override: a leading "-:" leaves the module in float
-        config["dynamic"] = {f"-:^{re.escape(name)}$": {} for name in skipped}
+    if skipped:
+        config["dynamic"] = _float_modules(skipped)
         # transformers/optimum ignore `dynamic`; they take a per-block list of the quantized linears,
         # which can say the same thing when the same linears stay in float in every block
         suffixes = {name.split(".", 3)[-1] for name in skipped}
@@ -50,20 +50,32 @@ def gptq_config(bits: int, group_size: int, sym: bool, desc_act: bool = False, m
     return config
 
 
+def _float_modules(skipped: list[str]) -> dict:
+    """GPTQModel's per-module override `dynamic`: a leading "-:" leaves the module in float."""
+    return {f"-:^{re.escape(name)}$": {} for name in skipped}
+
+
 def awq_config(group_size: int, sym: bool, method: str = "awq", skipped: list[str] = (), **meta) -> dict:
     """The transformers `quantization_config` of an AWQ GEMM checkpoint (4-bit). zero_point is always
-    on: GEMM kernels always subtract qzeros, and a symmetric grid is stored as the zero 8."""
-    return {
+    on: GEMM kernels always subtract qzeros, and a symmetric grid is stored as the zero 8.
+    Float-kept linears are named twice: transformers reads modules_to_not_convert, GPTQModel `dynamic`."""
+    config = {
         "quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm",
         "modules_to_not_convert": list(skipped) or None,
         "meta": {"quantizer": [f"llmquant:{__version__}"], "method": method, "sym": sym, **meta},
     }
+    if skipped:
+        config["dynamic"] = _float_modules(skipped)
+    return config
 
 
 def _autoawq_config(q: dict) -> dict:
-    """The same settings under AutoAWQ's own names (its quant_config.json)."""
-    return {"zero_point": q["zero_point"], "q_group_size": q["group_size"], "w_bit": q["bits"],
-            "version": q["version"], "modules_to_not_convert": q["modules_to_not_convert"]}
+    """The same settings under AutoAWQ's own names (its quant_config.json; GPTQModel reads this file first)."""
+    out = {"zero_point": q["zero_point"], "q_group_size": q["group_size"], "w_bit": q["bits"],
+           "version": q["version"], "modules_to_not_convert": q["modules_to_not_convert"]}
+    if "dynamic" in q:
+        out["dynamic"] = q["dynamic"]
+    return out
 
 
 def _unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
