@@ -116,10 +116,9 @@ def llama3_rope_factors(config) -> np.ndarray:
     return np.asarray(factors, dtype=np.float32)
 
 
-def add_hyperparameters(w: gguf.GGUFWriter, config, name: str) -> list[Tensor]:
+def add_hyperparameters(w: gguf.GGUFWriter, config) -> list[Tensor]:
     """Architecture keys; returns extra tensors the rope scaling needs (rope_freqs)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    w.add_name(name)
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)
     w.add_block_count(config.num_hidden_layers)
@@ -220,14 +219,17 @@ def _add_byte_level_bpe(w: gguf.GGUFWriter, model_dir: Path, tok_json: dict, voc
 
 
 def write_gguf(path: Path, arch: gguf.MODEL_ARCH, config, model_dir: Path, tensors: list[Tensor], file_type: int,
-               name: str, force: bool = False) -> None:
+               params: int, force: bool = False) -> None:
     """Write everything at once into a temporary sibling, renamed into place when complete."""
     with atomic_file(path, force) as tmp:
         w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
-        extra = add_hyperparameters(w, config, name)
+        # general.*: name, base name, size label, fine-tune, license... from the checkpoint's card and config
+        provenance = gguf.Metadata.load(model_path=model_dir, total_params=params)
+        provenance.quantized_by = "llmquant"
+        provenance.set_gguf_meta_model(w)
+        extra = add_hyperparameters(w, config)
         w.add_file_type(file_type)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        w.add_string("general.quantized_by", "llmquant")
         add_tokenizer(w, model_dir, config.vocab_size)
         for t in [*extra, *tensors]:
             w.add_tensor(t.name, t.data, raw_dtype=t.type)
