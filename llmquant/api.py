@@ -11,12 +11,18 @@ import torch
 
 from .errors import UserError
 from .formats.atomic import check_destination
-from .formats.hf import awq_config, gptq_config, load_quantized, read_quantization_config, save_quantized
+from .formats.hf import (
+    awq_config,
+    gptq_config,
+    load_quantized,
+    read_quantization_config,
+    save_quantized,
+)
 from .models.loader import load_float_model, resolve_model
 from .nn.qlinear import QuantLinear
 from .quant.awq import AWQSolver
-from .quant.grid import SUPPORTED_BITS, QuantSpec
 from .quant.gptq import GPTQSolver
+from .quant.grid import SUPPORTED_BITS, QuantSpec
 from .quant.rtn import RTNSolver
 from .runner import run_layers
 

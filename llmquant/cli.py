@@ -7,7 +7,6 @@ import collections
 import json
 import os
 import sys
-import time
 
 from .errors import UserError
 

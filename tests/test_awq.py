@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tiny import FAMILY_EXTRA, make_tiny_model, sample_text
 
 import llmquant
 from llmquant.api import QuantConfig, quantize
@@ -14,11 +15,17 @@ from llmquant.formats.pack import AWQ_ORDER, pack_awq, unpack_awq
 from llmquant.models import ADAPTERS
 from llmquant.models.loader import load_float_model
 from llmquant.nn.qlinear import QuantLinear
-from llmquant.quant.awq import AWQSolver, can_fold, fake_quantize, fold_scales, search_clip, search_scale
+from llmquant.quant.awq import (
+    AWQSolver,
+    can_fold,
+    fake_quantize,
+    fold_scales,
+    search_clip,
+    search_scale,
+)
 from llmquant.quant.grid import QuantizedWeight, QuantSpec, default_g_idx
 from llmquant.quant.rtn import RTNSolver, rtn
 from llmquant.runner import capture_inputs
-from tiny import FAMILY_EXTRA, make_tiny_model, sample_text
 
 SPECS = [QuantSpec(bits, group, sym, min_zero=0 if sym else 1)
          for bits, group, sym in [(2, 32, False), (3, 32, False), (4, 32, True), (8, -1, False), (4, -1, True)]]
