@@ -121,9 +121,13 @@ class QuantReport:
         return asdict(self)
 
 
-def make_solver(config: QuantConfig, spec: QuantSpec, scaling_pairs=(), targets: set[str] | None = None):
-    """The runner's solver for config.method; AWQ needs the family's scaling pairs and the linears quantized."""
-    if config.method.endswith("gptq"):
+def make_solver(config: QuantConfig, spec: QuantSpec, scaling_pairs=(), targets: set[str] | None = None,
+                inner=None):
+    """The runner's solver for config.method; AWQ needs the family's scaling pairs and the linears quantized.
+    `inner` replaces the solver AWQ hands its scaled weights to (GGUF export passes its block encoder)."""
+    if inner is not None:
+        solver = inner
+    elif config.method.endswith("gptq"):
         solver = GPTQSolver(spec, config.block_size, config.damp, config.act_order, config.static_groups)
     else:
         solver = RTNSolver(spec)
@@ -137,6 +141,14 @@ def packable(linear: torch.nn.Linear, bits: int, layout: str = "gptq", group_siz
     g_idx it cannot describe a short last group)."""
     words = linear.in_features * bits % 32 == 0 and linear.out_features * bits % 32 == 0
     return words and (layout != "awq" or group_size == -1 or linear.in_features % group_size == 0)
+
+
+def calibration_samples(config: QuantConfig, model, tokenizer) -> torch.Tensor:
+    """config's calibration windows, no longer than the model's context."""
+    from .calibration import load_samples
+
+    seqlen = min(config.seqlen, getattr(model.config, "max_position_embeddings", config.seqlen))
+    return load_samples(config.calib or "wikitext2", tokenizer, config.n_samples, seqlen, config.seed, model=model)
 
 
 def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: bool = False,
@@ -180,13 +192,7 @@ def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: boo
     if skipped:
         warnings.warn(f"{len(skipped)} linears have widths the {config.format} layout cannot pack at "
                       f"{spec.bits} bits and stay in float (first: {skipped[0]})")
-    samples = None
-    if solver.calibrated:
-        from .calibration import load_samples
-
-        seqlen = min(config.seqlen, getattr(float_model.config, "max_position_embeddings", config.seqlen))
-        samples = load_samples(config.calib or "wikitext2", tokenizer, config.n_samples, seqlen, config.seed,
-                               model=float_model)
+    samples = calibration_samples(config, float_model, tokenizer) if solver.calibrated else None
     workdir = None
     if work_dir is not None:
         workdir = WorkDir(Path(work_dir), fingerprint(source, samples, asdict(config)), resume)

@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 from interop_gptq import (  # scripts/ is on the path when run as a script
     compare_weights,
+    judge,
     print_peer,
 )
 
@@ -260,14 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         entry["vs_ours_fp32"] = a = compare_logits(theirs, reference)
         entry["vs_ours_fp16"] = compare_logits(theirs, ours_half)
-        # fp16 tolerance: the peer's logits may stray from float32 (relative L2) no more than twice as far
-        # as our own fp16 forward does; the weights are checked bit for bit, so this bounds the arithmetic
-        entry["tolerance_rel_l2"] = bound = 2 * floor["rel_l2"] + 1e-4
-        entry["logits_ok"] = (a["rel_l2"] <= bound
-                              and all(d <= b for d, b in zip(a["last_max_abs"], a["last_bound"])))
-        entry["seconds"] = round(time.perf_counter() - start, 1)
-        entry["ok"] = entry["weights"]["ok"] and entry["logits_ok"]
-        ok &= entry["ok"]
+        ok &= judge(entry, floor, start, also=all(d <= b for d, b in zip(a["last_max_abs"], a["last_bound"])))
         del peer
     report["ok"] = ok
 

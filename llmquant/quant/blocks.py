@@ -17,12 +17,12 @@ import torch
 from gguf import GGMLQuantizationType
 from torch import nn
 
+from ..formats.gguf.mixes import FLOAT
 from ..formats.gguf.quants import FORMATS, BlockFormat
 from .block_grid import affine, level_bits
 from .gptq import Hessian, HessianNotPositiveDefinite, _inverse_cholesky, _one_thread
 
 MODES = ("reference", "imatrix", "gptq")
-FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
 @dataclass
@@ -114,7 +114,7 @@ class BlockSolver:
         fmt = FORMATS[kind.name]
         entry: dict = {"type": kind.name}
         data = None
-        if self.mode == "gptq" and kind.name not in FLOAT_TYPES and observer.n:
+        if self.mode == "gptq" and kind not in FLOAT and observer.n:
             try:
                 data, entry["loss"], entry["damp"] = gptq_blocks(linear.weight, observer.H, fmt, self.damp)
             except HessianNotPositiveDefinite as err:

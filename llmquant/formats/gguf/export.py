@@ -25,7 +25,7 @@ MODE = {"rtn": "reference", "imatrix": "imatrix", "gptq": "gptq", "awq": "refere
 
 def export_gguf(model, config, out: Path, force: bool = False, progress: bool = True) -> dict:
     """Returns figures for the report: seconds, size_bytes, bpw, types (GGUF name -> type name)."""
-    from ...api import make_solver
+    from ...api import calibration_samples, make_solver
     from ...models.loader import load_float_model
     from ...quant.blocks import BlockSolver
     from ...runner import run_layers
@@ -57,15 +57,8 @@ def export_gguf(model, config, out: Path, force: bool = False, progress: bool = 
             linear_types[full] = types[names[full + ".weight"]]
     solver = BlockSolver(linear_types, MODE[config.method], config.damp)
     if config.method == "awq":  # AWQ's search and fold on the integer grid, then the block encoders
-        awq = make_solver(config, config.spec(), adapter.scaling_pairs, set(linear_types))
-        awq.inner, solver = solver, awq
-    samples = None
-    if solver.calibrated:
-        from ...calibration import load_samples
-
-        seqlen = min(config.seqlen, getattr(cfg, "max_position_embeddings", config.seqlen))
-        samples = load_samples(config.calib or "wikitext2", tokenizer, config.n_samples, seqlen, config.seed,
-                               model=float_model)
+        solver = make_solver(config, config.spec(), adapter.scaling_pairs, set(linear_types), inner=solver)
+    samples = calibration_samples(config, float_model, tokenizer) if solver.calibrated else None
     encoded = run_layers(float_model, adapter, solver, set(linear_types), samples, config.device, progress=progress)
 
     state = float_model.state_dict()  # AWQ folded its scales into norms

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType as F
 
@@ -45,9 +46,10 @@ QUANTIZABLE = {t.name: t for t in (T.F32, T.F16, T.BF16, T.Q8_0, T.Q6_K, T.Q5_K,
                                    T.Q4_1, T.Q4_0, T.Q3_K, T.Q2_K)}
 
 
-def block_size(t: T) -> int:
-    from gguf import GGML_QUANT_SIZES
+FLOAT = {T.F32, T.F16, T.BF16}  # stored as they are: no block rules, no fallback
 
+
+def block_size(t: T) -> int:
     return GGML_QUANT_SIZES[t][0]
 
 
@@ -105,7 +107,7 @@ def tensor_types(tensors: list[TensorInfo], mix: str, n_gqa: int, tied: bool, ha
         cat = _category(t.name)
         new = default
         manual = next((ty for pattern, ty in overrides if pattern.search(t.name)), None)
-        if default in (T.F32, T.F16, T.BF16):
+        if default in FLOAT:
             pass
         elif manual is not None:
             new = manual
@@ -121,7 +123,7 @@ def tensor_types(tensors: list[TensorInfo], mix: str, n_gqa: int, tied: bool, ha
             i_down += 1
         elif cat == "attn_output":
             new = {"Q2_K": T.Q3_K, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K}.get(mix, default)
-        out[t.name] = _fallback(new, t.shape[-1]) if new not in (T.F32, T.F16, T.BF16) else new
+        out[t.name] = new if new in FLOAT else _fallback(new, t.shape[-1])
     return out
 
 
