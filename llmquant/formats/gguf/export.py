@@ -72,7 +72,7 @@ def export_gguf(model, config, out: Path, force: bool = False, progress: bool = 
             data = permute_rows(data, heads)
         tensors.append(Tensor(g, kind, data.contiguous().numpy()))
     params = sum(state[hf].numel() for hf in names)
-    write_gguf(out, arch, cfg, source, tensors, MIXES[config.gguf_type][0], params, force=force)
+    write_gguf(out, arch, cfg, source, tokenizer, tensors, MIXES[config.gguf_type][0], params, force=force)
     weight_bytes = sum(t.data.nbytes for t in tensors)
     return {"seconds": time.perf_counter() - start, "size_bytes": out.stat().st_size, "bpw": 8 * weight_bytes / params,
             "types": {g: t.name for g, t in types.items()}, "linears": len(encoded)}

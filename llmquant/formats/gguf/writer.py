@@ -167,13 +167,14 @@ def _bpe_pre(tok: dict) -> str:
                     f"split text differently from the HF tokenizer")
 
 
-def add_tokenizer(w: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> None:
-    """Vocabulary, token types, merges, special tokens and chat template from the HF tokenizer files."""
+def add_tokenizer(w: gguf.GGUFWriter, model_dir: Path, tokenizer, vocab_size: int) -> None:
+    """Vocabulary, token types, merges, special tokens and chat template from the HF tokenizer (loaded from
+    `model_dir`) and its files."""
     path = model_dir / "tokenizer.json"
     if (model_dir / "tokenizer.model").exists():  # SentencePiece: llama.cpp merges by the model's scores
         _add_sentencepiece(w, model_dir)
     elif path.exists():
-        _add_byte_level_bpe(w, model_dir, json.loads(path.read_text(encoding="utf-8")), vocab_size)
+        _add_byte_level_bpe(w, model_dir, tokenizer, json.loads(path.read_text(encoding="utf-8")), vocab_size)
     else:
         raise UserError(f"GGUF export needs {path} or tokenizer.model in {model_dir}")
     gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size).add_to_gguf(w, quiet=True)
@@ -192,14 +193,11 @@ def _add_sentencepiece(w: gguf.GGUFWriter, model_dir: Path) -> None:
     w.add_token_types(list(types))
 
 
-def _add_byte_level_bpe(w: gguf.GGUFWriter, model_dir: Path, tok_json: dict, vocab_size: int) -> None:
-    from transformers import AutoTokenizer
-
+def _add_byte_level_bpe(w: gguf.GGUFWriter, model_dir: Path, tokenizer, tok_json: dict, vocab_size: int) -> None:
     model = tok_json.get("model", {})
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         raise UserError(f"GGUF export supports byte-level BPE or SentencePiece tokenizers; {model_dir} has "
                         f"{model.get('type')}{' with byte fallback but no tokenizer.model' * bool(model.get('byte_fallback'))}")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     added = {t.content: t for t in tokenizer.added_tokens_decoder.values()}
     tokens, types = [], []
@@ -218,8 +216,8 @@ def _add_byte_level_bpe(w: gguf.GGUFWriter, model_dir: Path, tok_json: dict, voc
     w.add_token_types(types)
 
 
-def write_gguf(path: Path, arch: gguf.MODEL_ARCH, config, model_dir: Path, tensors: list[Tensor], file_type: int,
-               params: int, force: bool = False) -> None:
+def write_gguf(path: Path, arch: gguf.MODEL_ARCH, config, model_dir: Path, tokenizer, tensors: list[Tensor],
+               file_type: int, params: int, force: bool = False) -> None:
     """Write everything at once into a temporary sibling, renamed into place when complete."""
     with atomic_file(path, force) as tmp:
         w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
@@ -230,7 +228,7 @@ def write_gguf(path: Path, arch: gguf.MODEL_ARCH, config, model_dir: Path, tenso
         extra = add_hyperparameters(w, config)
         w.add_file_type(file_type)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        add_tokenizer(w, model_dir, config.vocab_size)
+        add_tokenizer(w, model_dir, tokenizer, config.vocab_size)
         for t in [*extra, *tensors]:
             w.add_tensor(t.name, t.data, raw_dtype=t.type)
         w.write_header_to_file()
