@@ -54,6 +54,10 @@ def compare(ours: Path, theirs: Path) -> dict:
             "byte_mismatch": [n for n in common if a[n] != b[n]]}
 
 
+def identical(same: dict) -> bool:
+    return not (same["missing"] or same["type_mismatch"] or same["byte_mismatch"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="demo")
@@ -106,13 +110,17 @@ def main() -> None:
               f"{len(same['type_mismatch'])} type mismatches, {len(same['byte_mismatch'])} byte mismatches",
               file=sys.stderr)
     if args.eval_data:
-        cmd = [sys.executable, "-m", "llmquant", "eval", *[r["file"] for r in rows], "--base", args.model, "--data",
+        # a reference file with llama-quantize's exact bytes scores exactly as llama-quantize's: not run twice
+        twin = {r["file"]: str(out / f"llama-{r['mix']}.gguf") for r in rows
+                if "vs_llama_cpp" in r and identical(r["vs_llama_cpp"])}
+        scored = [r["file"] for r in rows if r["file"] not in twin]
+        cmd = [sys.executable, "-m", "llmquant", "eval", *scored, "--base", args.model, "--data",
                args.eval_data, "--windows", str(args.windows), "--seqlen", str(args.eval_seqlen), "--json"]
         result = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         scores = json.loads(result.strip().splitlines()[-1])
-        scores = scores if len(rows) > 1 else {rows[0]["file"]: scores}
+        scores = scores if len(scored) > 1 else {scored[0]: scores}
         for r in rows:
-            r.update({k: scores[r["file"]][k] for k in ("ppl", "kld", "top1")})
+            r.update({k: scores[twin.get(r["file"], r["file"])][k] for k in ("ppl", "kld", "top1")})
     with open(out / "results.jsonl", "a") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
