@@ -151,6 +151,16 @@ def calibration_samples(config: QuantConfig, model, tokenizer) -> torch.Tensor:
     return load_samples(config.calib or "wikitext2", tokenizer, config.n_samples, seqlen, config.seed, model=model)
 
 
+def open_workdir(work_dir: str | Path | None, resume: bool, source: Path, samples: torch.Tensor | None,
+                 config: QuantConfig):
+    """The run's resume.WorkDir, fingerprinted by model, calibration and settings; None without one."""
+    if work_dir is None:
+        return None
+    from .resume import WorkDir, fingerprint
+
+    return WorkDir(Path(work_dir), fingerprint(source, samples, asdict(config)), resume)
+
+
 def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: bool = False,
              progress: bool = True, work_dir: str | Path | None = None, resume: bool = False) -> QuantReport:
     """Quantize a float checkpoint (directory, Hub id or 'demo') and write the packed result to `out`.
@@ -158,22 +168,17 @@ def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: boo
     With `work_dir`, every finished block is kept there durably; `resume` continues such a run.
     """
     from .formats.hf import describe
-    from .resume import WorkDir, fingerprint
 
     config.validate()
-    if config.format == "gguf":
-        if work_dir is not None:
-            raise UserError("--work-dir is not available with --format gguf yet")
-        from .formats.gguf.export import export_gguf
-
-        figures = export_gguf(model, config, Path(out), force=force, progress=progress)
-        return QuantReport(str(out), config.method, config.bits, config.group_size, config.sym, figures["seconds"],
-                           figures["size_bytes"], figures["bpw"], figures["linears"], gguf_types=figures["types"])
     if resume and work_dir is None:
         raise UserError("--resume needs the --work-dir of the run to continue")
-    if work_dir is not None and config.method.startswith("awq"):
-        raise UserError(f"--work-dir is not available with --method {config.method} yet: the scales folded into "
-                        f"the norms of finished blocks are not recorded for --resume")
+    if config.format == "gguf":
+        from .formats.gguf.export import export_gguf
+
+        figures = export_gguf(model, config, Path(out), force=force, progress=progress, work_dir=work_dir,
+                              resume=resume)
+        return QuantReport(str(out), config.method, config.bits, config.group_size, config.sym, figures["seconds"],
+                           figures["size_bytes"], figures["bpw"], figures["linears"], gguf_types=figures["types"])
     out = Path(out)
     check_destination(out, force)
     start = time.perf_counter()
@@ -193,9 +198,7 @@ def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: boo
         warnings.warn(f"{len(skipped)} linears have widths the {config.format} layout cannot pack at "
                       f"{spec.bits} bits and stay in float (first: {skipped[0]})")
     samples = calibration_samples(config, float_model, tokenizer) if solver.calibrated else None
-    workdir = None
-    if work_dir is not None:
-        workdir = WorkDir(Path(work_dir), fingerprint(source, samples, asdict(config)), resume)
+    workdir = open_workdir(work_dir, resume, source, samples, config)
     quantized = run_layers(float_model, adapter, solver, targets, samples, config.device, progress=progress,
                            workdir=workdir)
     if config.format == "awq":

@@ -1,8 +1,10 @@
 """Durable progress for long quantization runs: `--work-dir` keeps one record per finished block,
 `--resume` continues from the last one.
 
-A record holds the block's quantized tensors and solver report; the newest record also holds the
-runner state (the calibration activations leaving that block). Every file is written beside its
+A record holds the block's quantized tensors (integer-grid weights or GGUF block bytes), its solver
+report, and the block's other parameters as they left it (AWQ folds its scales into norms and
+biases); the newest record also holds the runner state (the calibration activations leaving that
+block). Every file is written beside its
 final name and renamed into place, so a `kill -9` leaves either a whole record or none. A
 fingerprint of the model, the calibration samples and the settings guards against resuming
 someone else's run.
@@ -21,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import UserError
+from .quant.blocks import BlockTensor
 from .quant.grid import QuantizedWeight
 
 FIELDS = ("codes", "scales", "zeros", "g_idx")
@@ -88,25 +91,40 @@ class WorkDir:
     def _state(self, index: int) -> Path:
         return self.path / f"state-{index:05d}.safetensors"
 
-    def save(self, index: int, quantized: dict[str, QuantizedWeight], report: dict,
-             hidden: torch.Tensor | None) -> None:
+    def save(self, index: int, quantized: dict[str, QuantizedWeight | BlockTensor], report: dict,
+             hidden: torch.Tensor | None, floats: dict[str, torch.Tensor]) -> None:
         """State first, then the record: a whole record always has its state beside it."""
         if hidden is not None:
             _write_atomic(self._state(index), lambda p: save_file({"hidden": hidden.contiguous().cpu()}, p))
-        tensors = {f"{name}.{field}": getattr(qw, field).contiguous().cpu()
-                   for name, qw in quantized.items() for field in FIELDS}
-        meta = {"report": json.dumps(report),
-                "specs": json.dumps({n: [qw.bits, qw.group_size, qw.sym] for n, qw in quantized.items()})}
+        tensors = {f"float.{name}": t.detach().contiguous().cpu() for name, t in floats.items()}
+        specs = {}
+        for name, qw in quantized.items():
+            if isinstance(qw, BlockTensor):
+                tensors[f"{name}.data"] = qw.data.contiguous().cpu()
+                specs[name] = {"gguf": qw.type.name, "in_features": qw.in_features}
+            else:
+                tensors.update({f"{name}.{field}": getattr(qw, field).contiguous().cpu() for field in FIELDS})
+                specs[name] = {"bits": qw.bits, "group_size": qw.group_size, "sym": qw.sym}
+        meta = {"report": json.dumps(report), "specs": json.dumps(specs)}
         _write_atomic(self._record(index), lambda p: save_file(tensors, p, metadata=meta))
         self._state(index - 1).unlink(missing_ok=True)  # only the newest state is ever needed
 
-    def load(self, index: int) -> tuple[dict[str, QuantizedWeight], dict]:
+    def load(self, index: int) -> tuple[dict[str, QuantizedWeight | BlockTensor], dict, dict[str, torch.Tensor]]:
+        """(quantized weights, their report, the block's other parameters by full name)."""
+        from gguf import GGMLQuantizationType
+
+        quantized = {}
         with safe_open(self._record(index), "pt") as f:
             meta = f.metadata()
-            specs = json.loads(meta["specs"])
-            quantized = {name: QuantizedWeight(*(f.get_tensor(f"{name}.{field}") for field in FIELDS), *spec)
-                         for name, spec in specs.items()}
-        return quantized, json.loads(meta["report"])
+            for name, spec in json.loads(meta["specs"]).items():
+                if "gguf" in spec:
+                    quantized[name] = BlockTensor(GGMLQuantizationType[spec["gguf"]], f.get_tensor(f"{name}.data"),
+                                                  spec["in_features"])
+                else:
+                    quantized[name] = QuantizedWeight(*(f.get_tensor(f"{name}.{field}") for field in FIELDS),
+                                                      spec["bits"], spec["group_size"], spec["sym"])
+            floats = {k.removeprefix("float."): f.get_tensor(k) for k in f.keys() if k.startswith("float.")}
+        return quantized, json.loads(meta["report"]), floats
 
     def load_state(self, index: int) -> torch.Tensor:
         path = self._state(index)

@@ -133,7 +133,8 @@ def run_layers(model: nn.Module, adapter: ArchAdapter, solver: Solver, targets: 
     dequantized so the model in memory behaves as the packed one will. Returns QuantizedWeights on CPU.
 
     With a `workdir` (resume.WorkDir), each finished block is recorded durably, and blocks already
-    recorded there are restored instead of solved again.
+    recorded there are restored instead of solved again (their quantized weights and, since a solver
+    may change them, e.g. AWQ's folded norms, their other parameters).
     """
     device = torch.device(device)
     blocks = adapter.blocks(model)
@@ -142,11 +143,14 @@ def run_layers(model: nn.Module, adapter: ArchAdapter, solver: Solver, targets: 
     done = workdir.completed() if workdir is not None else 0
     results: dict[str, QuantizedWeight] = {}
     for index in range(done):
-        quantized, report = workdir.load(index)
+        quantized, report, floats = workdir.load(index)
         block = blocks[index].to(dtype=compute_dtype)
         for name, qw in quantized.items():
             _write_back(model.get_submodule(name), qw, compute_dtype)
         block.to(dtype=model_dtype)
+        with torch.no_grad():
+            for name, value in floats.items():
+                model.get_parameter(name).copy_(value)
         results.update(quantized)
         solver.report.update(report)
     inputs, batch = None, None
@@ -189,8 +193,10 @@ def run_layers(model: nn.Module, adapter: ArchAdapter, solver: Solver, targets: 
         block.to(device="cpu", dtype=model_dtype)
         results.update(block_results)
         if workdir is not None:
+            floats = {prefix + n: p for n, p in block.named_parameters()
+                      if not (n.endswith(".weight") and prefix + n.removesuffix(".weight") in block_results)}
             workdir.save(index, block_results, {n: solver.report[n] for n in block_results if n in solver.report},
-                         inputs.hidden if inputs is not None else None)
+                         inputs.hidden if inputs is not None else None, floats)
         bar.update()
     bar.close()
     return results

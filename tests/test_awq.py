@@ -251,7 +251,6 @@ def test_awq_user_errors(tiny_model_dir, tmp_path, capsys, monkeypatch):
 
     assert "4-bit" in one_line_error("--method", "awq", "--bits", 3, "--format", "awq")
     assert "g_idx" in one_line_error("--method", "gptq", "--act-order", "--format", "awq")
-    assert "--work-dir" in one_line_error("--method", "awq", "--work-dir", tmp_path / "w")
     from dataclasses import replace
 
     monkeypatch.setitem(ADAPTERS, "llama", replace(ADAPTERS["llama"], scaling_pairs=()))

@@ -23,9 +23,11 @@ GGUF_METHODS = ("rtn", "imatrix", "gptq", "awq")
 MODE = {"rtn": "reference", "imatrix": "imatrix", "gptq": "gptq", "awq": "reference"}
 
 
-def export_gguf(model, config, out: Path, force: bool = False, progress: bool = True) -> dict:
-    """Returns figures for the report: seconds, size_bytes, bpw, types (GGUF name -> type name)."""
-    from ...api import calibration_samples, make_solver
+def export_gguf(model, config, out: Path, force: bool = False, progress: bool = True, work_dir=None,
+                resume: bool = False) -> dict:
+    """Returns figures for the report: seconds, size_bytes, bpw, types (GGUF name -> type name).
+    With `work_dir`, finished blocks are kept durably and `resume` continues such a run."""
+    from ...api import calibration_samples, make_solver, open_workdir
     from ...models.loader import load_float_model
     from ...quant.blocks import BlockSolver
     from ...runner import run_layers
@@ -59,7 +61,9 @@ def export_gguf(model, config, out: Path, force: bool = False, progress: bool = 
     if config.method == "awq":  # AWQ's search and fold on the integer grid, then the block encoders
         solver = make_solver(config, config.spec(), adapter.scaling_pairs, set(linear_types), inner=solver)
     samples = calibration_samples(config, float_model, tokenizer) if solver.calibrated else None
-    encoded = run_layers(float_model, adapter, solver, set(linear_types), samples, config.device, progress=progress)
+    workdir = open_workdir(work_dir, resume, source, samples, config)
+    encoded = run_layers(float_model, adapter, solver, set(linear_types), samples, config.device, progress=progress,
+                         workdir=workdir)
 
     state = float_model.state_dict()  # AWQ folded its scales into norms
     tensors = []
