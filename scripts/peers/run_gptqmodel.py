@@ -18,6 +18,9 @@ def main() -> None:
     parser.add_argument("--no-gar", action="store_true", help="desc_act=False without act_group_aware")
     parser.add_argument("--damp", type=float, default=None, help="damp_percent (default: GPTQModel's)")
     parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--dtype", choices=["auto", "float32"], default="auto",
+                        help="weights while quantizing: its auto choice is bfloat16 on the CPU, whose matmuls are "
+                             "slow without AVX-512/AMX; float32 is faster there and solves on the same weights we do")
     parser.add_argument("--offload-to-disk", action="store_true",
                         help="GPTQModel's default; off here: a 135M model fits in memory and the disk writes dominate")
     args = parser.parse_args()
@@ -36,12 +39,14 @@ def main() -> None:
         settings["damp_percent"] = args.damp
     config = QuantizeConfig(**settings)
     start = time.perf_counter()
-    model = GPTQModel.load(args.model, config)
+    import torch
+
+    model = GPTQModel.load(args.model, config, dtype=torch.float32 if args.dtype == "float32" else "auto")
     model.quantize(calibration, batch_size=args.batch_size)
     model.save(str(args.out))
     seconds = time.perf_counter() - start
     settings.update(act_group_aware=config.act_group_aware, damp_percent=config.damp_percent,
-                    samples=list(ids.shape))
+                    samples=list(ids.shape), dtype=args.dtype)
     write_run_info(args.out, "gptqmodel", settings, seconds)
     print(f"gptqmodel: wrote {args.out} in {seconds:.1f} s")
 
