@@ -97,11 +97,30 @@ def capture_inputs(model: nn.Module, adapter: ArchAdapter, samples: torch.Tensor
     return BlockInputs(torch.cat(hidden), kwargs)
 
 
+class _Replay(nn.Module):
+    """Stands in for a block child whose output can no longer change (adapter.replayable, its linears
+    quantized): the first pass records the output of each batch, later passes return the record."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+        self.batch: int | None = None  # start of the batch being run, set by forward_block
+        self.outputs: dict[int, object] = {}
+
+    def forward(self, *args, **kwargs):
+        if self.batch not in self.outputs:
+            self.outputs[self.batch] = self.module(*args, **kwargs)
+        return self.outputs[self.batch]
+
+
 @torch.inference_mode()
 def forward_block(block: nn.Module, inputs: BlockInputs, batch: int, update: bool) -> None:
     """Run every sample through the block; with update, the outputs replace the inputs in place.
     A hook may raise _Captured to end a batch's forward early, once it has seen what it needs."""
+    replays = [m for m in block.children() if isinstance(m, _Replay)]
     for start in range(0, inputs.hidden.shape[0], batch):
+        for replay in replays:
+            replay.batch = start
         try:
             out = block(inputs.hidden[start:start + batch], **inputs.kwargs)
         except _Captured:
@@ -120,10 +139,54 @@ def _observe_then_stop(observer: Observer):
     return hook
 
 
+def _replay_finished(block: nn.Module, adapter: ArchAdapter, solved: set[str]) -> None:
+    """Swap in a _Replay for each replayable child all of whose linears are solved (or left in float)."""
+    for name in adapter.replayable:
+        child = getattr(block, name, None)
+        if child is None or isinstance(child, _Replay):
+            continue
+        inside = [n for n in adapter.linears() if n.startswith(name + ".")]
+        if inside and all(n in solved for n in inside):
+            setattr(block, name, _Replay(child))
+
+
 def _write_back(linear: nn.Linear, qw: QuantizedWeight, dtype: torch.dtype) -> None:
     """The model in memory computes with what the packed checkpoint will hold."""
     with torch.no_grad():
         linear.weight.copy_(qw.dequantize(dtype).to(linear.weight.device))
+
+
+def _solve_block(block: nn.Module, prefix: str, adapter: ArchAdapter, solver: Solver, targets: set[str],
+                 inputs: BlockInputs | None, batch: int | None, compute_dtype: torch.dtype) -> dict:
+    """Quantize one block's target linears group by group, then (calibrated) propagate the samples."""
+    block_results, solved = {}, set()
+    try:
+        for group in adapter.sequential:
+            names = [n for n in group if prefix + n in targets]
+            linears = {n: block.get_submodule(n) for n in names}
+            observer = None
+            if solver.calibrated and names:  # the group's linears read one input: observe it once
+                observer = solver.observer([prefix + n for n in names], list(linears.values()))
+            if observer is not None:  # None: this solver needs no statistics for the group
+                hook = linears[names[0]].register_forward_pre_hook(_observe_then_stop(observer))
+                try:
+                    forward_block(block, inputs, batch, update=False)
+                finally:
+                    hook.remove()
+            for n in names:
+                qw = solver.quantize(prefix + n, linears[n], observer)
+                _write_back(linears[n], qw, compute_dtype)
+                block_results[prefix + n] = qw.cpu()
+            solved.update(group)
+            if solver.calibrated:
+                _replay_finished(block, adapter, solved)
+        if solver.calibrated:
+            forward_block(block, inputs, batch, update=True)
+    finally:
+        for name, child in list(block.named_children()):
+            if isinstance(child, _Replay):
+                setattr(block, name, child.module)
+    return block_results
 
 
 def run_layers(model: nn.Module, adapter: ArchAdapter, solver: Solver, targets: set[str],
@@ -169,27 +232,7 @@ def run_layers(model: nn.Module, adapter: ArchAdapter, solver: Solver, targets: 
         block.to(device=device, dtype=compute_dtype)
         if hasattr(solver, "prepare_block"):  # e.g. AWQ: search and fold scales before anything is rounded
             solver.prepare_block(block, prefix, inputs, batch)
-        block_results = {}
-        for group in adapter.sequential:
-            names = [n for n in group if prefix + n in targets]
-            if not names:
-                continue
-            linears = {n: block.get_submodule(n) for n in names}
-            observer = None
-            if solver.calibrated:  # the group's linears read one input: observe it once
-                observer = solver.observer([prefix + n for n in names], list(linears.values()))
-            if observer is not None:  # None: this solver needs no statistics for the group
-                hook = linears[names[0]].register_forward_pre_hook(_observe_then_stop(observer))
-                try:
-                    forward_block(block, inputs, batch, update=False)
-                finally:
-                    hook.remove()
-            for n in names:
-                qw = solver.quantize(prefix + n, linears[n], observer)
-                _write_back(linears[n], qw, compute_dtype)
-                block_results[prefix + n] = qw.cpu()
-        if solver.calibrated:
-            forward_block(block, inputs, batch, update=True)
+        block_results = _solve_block(block, prefix, adapter, solver, targets, inputs, batch, compute_dtype)
         block.to(device="cpu", dtype=model_dtype)
         results.update(block_results)
         if workdir is not None:

@@ -30,6 +30,9 @@ class ArchAdapter:
         ("post_attention_layernorm", tuple(MLP_IN)),
         ("mlp.up_proj", tuple(MLP_OUT)),
     )
+    # block children that read the block input (through a norm) and hold only linears of this block: once
+    # their linears are quantized their output is fixed, and the runner's later passes replay it
+    replayable: tuple[str, ...] = ("self_attn",)
     gguf_arch: str = "llama"
     extra: dict = field(default_factory=dict)
 
