@@ -1,5 +1,5 @@
 #!/bin/bash
-# Every peer configuration of the GPTQ comparison, fastest first, one at a time (2 shared cores).
+# Every peer configuration of the GPTQ comparison, fastest first, then the AWQ one; one at a time (2 shared cores).
 # Each line: run1.sh NAME VENV SCRIPT ARGS, then record.py NAME (eval + one line in /tmp/peers/results.jsonl).
 # A run whose checkpoint already exists is skipped; a failure is logged in /tmp/peers/logs/NAME.log and the
 # queue goes on. Usage: bash scripts/peers/queue.sh [NAME_FILTER_REGEX]
@@ -48,4 +48,12 @@ run ar-w4g128-asym-i50     $AR --bits 4 --group-size 128 --asym --iters 50
 run ar-w3g128-sym-i50      $AR --bits 3 --group-size 128 --sym --iters 50
 run ar-w3g128-asym-i50     $AR --bits 3 --group-size 128 --asym --iters 50
 run ar-w2g64-asym-i50      $AR --bits 2 --group-size 64 --asym --iters 50
+# AWQ (issue 4): every AWQ peer at W4 and W3, g64 (576 is not a multiple of 128), asymmetric
+GMA="gptqmodel run_gptqmodel.py --method awq --dtype float32"; LCA="llmc run_awq_llmcompressor.py"; AA="autoawq run_autoawq.py"
+run gmawq-w4g64-asym       $GMA --bits 4 --group-size 64 --asym
+run aawq-w4g64-asym        $AA --bits 4 --group-size 64 --asym
+run lcawq-w4g64-asym       $LCA --bits 4 --group-size 64 --asym
+run gmawq-w3g64-asym       $GMA --bits 3 --group-size 64 --asym
+run aawq-w3g64-asym        $AA --bits 3 --group-size 64 --asym
+run lcawq-w3g64-asym       $LCA --bits 3 --group-size 64 --asym
 echo QUEUE DONE

@@ -4,9 +4,12 @@ evaluator loads as a plain model (config without quantization_config).
 Formats, by config.json `quantization_config`:
   gptq (checkpoint_format gptq = v1, zero stored - 1; gptq_v2, zero stored as is)   -> our venv (/tmp/venv)
   compressed-tensors (llm-compressor), dequantized by transformers + compressed-tensors -> the llm-compressor venv
-  AutoRound "fake" checkpoints (weights already quantized-dequantized, float)       -> any venv
+  AutoRound and run_autoawq.py "fake" checkpoints (weights already quantized-dequantized) -> any venv
+  awq GEMM (AutoAWQ, GPTQModel METHOD.AWQ; raw zero points): 4-bit codes in AutoAWQ's interleaved order,
+    read by llmquant's unpack_awq; other widths (GPTQModel only) a plain bit stream along the output
+    dimension, read by llmquant's unpack_int32                                      -> our venv (/tmp/venv)
 The output holds exactly the base model's tensor names and shapes; anything else is an error.
-Usage: python scripts/peers/to_float.py SRC DST [--base BASE]   (PYTHONPATH=/work/main for gptq folders)
+Usage: python scripts/peers/to_float.py SRC DST [--base BASE]   (PYTHONPATH=/work/main for gptq/awq folders)
 """
 
 from __future__ import annotations
@@ -61,6 +64,31 @@ def dequantize_gptq(tensors: dict[str, torch.Tensor], bits: int, zero_offset: in
     return out
 
 
+def dequantize_awq(tensors: dict[str, torch.Tensor], bits: int, group_size: int) -> dict[str, torch.Tensor]:
+    """Replace every AWQ GEMM (qweight, qzeros, scales) triple by `weight` = (q - z) * s, float32 [out, in]."""
+    from llmquant.formats.pack import unpack_awq, unpack_int32
+    from llmquant.quant.grid import QuantizedWeight, default_g_idx
+
+    out = {k: v for k, v in tensors.items() if not k.endswith((".qweight", ".qzeros", ".scales"))}
+    for name in [k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")]:
+        packed = {f: tensors[f"{name}.{f}"] for f in ("qweight", "qzeros", "scales")}
+        n_in, (groups, n_out) = packed["qweight"].shape[0], packed["scales"].shape
+        if groups != (1 if group_size == -1 else -(-n_in // group_size)):
+            raise SystemExit(f"{name}: {groups} groups of scales for {n_in} inputs at group size {group_size}")
+        if bits == 4:
+            qw = unpack_awq(packed, group_size, sym=False)
+        else:  # GPTQModel's non-4-bit GEMM: no interleave, codes as a little-endian bit stream along dim 1
+            codes = unpack_int32(packed["qweight"], bits, dim=1, n=n_out).T.contiguous()
+            zeros = unpack_int32(packed["qzeros"], bits, dim=1, n=n_out).T.to(torch.int32).contiguous()
+            qw = QuantizedWeight(codes, packed["scales"].float().T.contiguous(), zeros,
+                                 default_g_idx(n_in, group_size), bits, group_size, False)
+        if qw.codes.shape != (n_out, n_in) or qw.zeros.shape != (n_out, groups):
+            raise SystemExit(f"{name}: codes {tuple(qw.codes.shape)}, zeros {tuple(qw.zeros.shape)} do not fit "
+                             f"scales {tuple(packed['scales'].shape)}")
+        out[f"{name}.weight"] = qw.dequantize(torch.float32)
+    return out
+
+
 def dequantize_compressed_tensors(src: Path) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
@@ -77,6 +105,13 @@ def dequantized(src: Path, qconfig: dict) -> dict[str, torch.Tensor]:
         if fmt not in GPTQ_FORMATS:
             raise SystemExit(f"{src}: gptq checkpoint_format {fmt!r} is not one of {sorted(GPTQ_FORMATS)}")
         return dequantize_gptq(_read_tensors(src), int(qconfig["bits"]), GPTQ_FORMATS[fmt])
+    if method == "awq":
+        version = str(qconfig.get("version", qconfig.get("format", "gemm"))).lower()
+        if version != "gemm" or not qconfig.get("zero_point", True):
+            raise SystemExit(f"{src}: awq version {version!r} zero_point {qconfig.get('zero_point')} "
+                             f"(only gemm with zero points is read)")
+        bits, group = qconfig.get("bits", qconfig.get("w_bit")), qconfig.get("group_size", qconfig.get("q_group_size"))
+        return dequantize_awq(_read_tensors(src), int(bits), int(group))
     if method == "compressed-tensors":
         return dequantize_compressed_tensors(src)
     if "fake" in packing or "fake" in str(qconfig.get("format", "")):
