@@ -10,11 +10,10 @@ Run in the llm-compressor venv: python scripts/peers/run_awq_llmcompressor.py --
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from common import base_parser, load_input_ids, setup_threads, write_run_info
+from run_llmcompressor import run_oneshot
 
 
 def main() -> None:
@@ -28,12 +27,9 @@ def main() -> None:
     setup_threads(args.threads)
 
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    from datasets import Dataset
-    from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
     from llmcompressor.pipelines.cache import IntermediatesCache
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not torch.cuda.is_available():
         # AWQModifier pins the cached layer inputs before its grid search (for faster host-to-device copies);
@@ -42,7 +38,6 @@ def main() -> None:
         IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
 
     ids = load_input_ids(args.samples)
-    dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     duo = {"true": True, "false": False, "both": "both"}[args.duo_scaling]
     weights = QuantizationArgs(num_bits=args.bits, type="int", symmetric=args.sym, strategy="group",
                                group_size=args.group_size, observer=args.observer)
@@ -51,14 +46,7 @@ def main() -> None:
         QuantizationModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
                              ignore=["lm_head"]),
     ]
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    start = time.perf_counter()
-    oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=recipe, max_seq_length=ids.shape[1],
-            num_calibration_samples=ids.shape[0], shuffle_calibration_samples=False)
-    model.save_pretrained(str(args.out), save_compressed=True)
-    tokenizer.save_pretrained(str(args.out))
-    seconds = time.perf_counter() - start
+    seconds = run_oneshot(args.model, recipe, ids, args.out)
     settings = dict(method="awq", bits=args.bits, sym=args.sym, strategy="group", group_size=args.group_size,
                     duo_scaling=duo, n_grid=args.n_grid, observer=args.observer or "default (memoryless_minmax)",
                     samples=list(ids.shape))

@@ -16,6 +16,23 @@ import torch
 from common import base_parser, load_input_ids, setup_threads, write_run_info
 
 
+def run_oneshot(model_path: str, recipe, ids: torch.Tensor, out) -> float:
+    """llm-compressor's oneshot on a float32 model with our calibration rows, saved compressed; wall seconds."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    start = time.perf_counter()
+    oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=recipe, max_seq_length=ids.shape[1],
+            num_calibration_samples=ids.shape[0], shuffle_calibration_samples=False)
+    model.save_pretrained(str(out), save_compressed=True)
+    tokenizer.save_pretrained(str(out))
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--actorder", default=None, choices=["weight", "group"],
@@ -27,26 +44,15 @@ def main() -> None:
     setup_threads(args.threads)
 
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    from datasets import Dataset
-    from llmcompressor import oneshot
     from llmcompressor.modifiers.gptq import GPTQModifier
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ids = load_input_ids(args.samples)
-    dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     grid = {"block_structure": [1, args.group_size]} if args.strategy == "block" else {"group_size": args.group_size}
     weights = QuantizationArgs(num_bits=args.bits, type="int", symmetric=args.sym, strategy=args.strategy,
                                actorder=args.actorder, **grid)
     recipe = GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
                           ignore=["lm_head"], actorder=args.actorder, dampening_frac=args.damp)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    start = time.perf_counter()
-    oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=recipe, max_seq_length=ids.shape[1],
-            num_calibration_samples=ids.shape[0], shuffle_calibration_samples=False)
-    model.save_pretrained(str(args.out), save_compressed=True)
-    tokenizer.save_pretrained(str(args.out))
-    seconds = time.perf_counter() - start
+    seconds = run_oneshot(args.model, recipe, ids, args.out)
     settings = dict(bits=args.bits, sym=args.sym, strategy=args.strategy, actorder=args.actorder,
                     dampening_frac=args.damp, samples=list(ids.shape), **grid)
     write_run_info(args.out, "llmcompressor", settings, seconds)
