@@ -49,6 +49,7 @@ class QuantConfig:
     static_groups: bool = False
     damp: float = 0.01
     block_size: int = 128
+    float_targets: bool = False  # fit each linear to the float model's outputs on the float model's inputs
     # AWQ
     duo_scaling: bool = True  # candidate scales mean|x|^a / mean|w|^(1-a), not mean|x|^a alone
     # GGUF
@@ -86,6 +87,8 @@ class QuantConfig:
             raise UserError(f"--clip must be minmax or mse, not {self.clip}")
         if self.method not in ("gptq", "awq+gptq") and (self.act_order or self.static_groups):
             raise UserError("--act-order and --static-groups belong to --method gptq or awq+gptq")
+        if self.float_targets and not self.method.endswith("gptq"):
+            raise UserError("--float-targets belongs to --method gptq or awq+gptq")
         if self.format == "awq" and self.act_order and not self.static_groups:
             raise UserError("the awq format has no g_idx: with --format awq, --act-order needs --static-groups")
         if not 0 < self.damp <= 1:
@@ -128,7 +131,8 @@ def make_solver(config: QuantConfig, spec: QuantSpec, scaling_pairs=(), targets:
     if inner is not None:
         solver = inner
     elif config.method.endswith("gptq"):
-        solver = GPTQSolver(spec, config.block_size, config.damp, config.act_order, config.static_groups)
+        solver = GPTQSolver(spec, config.block_size, config.damp, config.act_order, config.static_groups,
+                            float_targets=config.float_targets)
     else:
         solver = RTNSolver(spec)
     if config.method.startswith("awq"):

@@ -92,10 +92,12 @@ class WorkDir:
         return self.path / f"state-{index:05d}.safetensors"
 
     def save(self, index: int, quantized: dict[str, QuantizedWeight | BlockTensor], report: dict,
-             hidden: torch.Tensor | None, floats: dict[str, torch.Tensor]) -> None:
-        """State first, then the record: a whole record always has its state beside it."""
-        if hidden is not None:
-            _write_atomic(self._state(index), lambda p: save_file({"hidden": hidden.contiguous().cpu()}, p))
+             state: dict[str, torch.Tensor], floats: dict[str, torch.Tensor]) -> None:
+        """State (the runner's hidden-state streams; none for uncalibrated runs) first, then the record:
+        a whole record always has its state beside it."""
+        if state:
+            _write_atomic(self._state(index), lambda p: save_file({k: v.contiguous().cpu() for k, v in state.items()},
+                                                                  p))
         tensors = {f"float.{name}": t.detach().contiguous().cpu() for name, t in floats.items()}
         specs = {}
         for name, qw in quantized.items():
@@ -126,9 +128,9 @@ class WorkDir:
             floats = {k.removeprefix("float."): f.get_tensor(k) for k in f.keys() if k.startswith("float.")}
         return quantized, json.loads(meta["report"]), floats
 
-    def load_state(self, index: int) -> torch.Tensor:
+    def load_state(self, index: int) -> dict[str, torch.Tensor]:
         path = self._state(index)
         if not path.exists():
             raise UserError(f"--resume: {path} is missing; the work dir is incomplete")
         with safe_open(path, "pt") as f:
-            return f.get_tensor("hidden")
+            return {k: f.get_tensor(k) for k in f.keys()}  # the fingerprint fixed which streams there are

@@ -5,11 +5,14 @@ attention mask, position ids, rotary embeddings), then for each block: moves it 
 device, lets the solver observe the inputs of each sequential group of linears, writes the
 quantized weights back, and propagates the samples through the *quantized* block so the next
 block is calibrated on what it will really see. Solver-agnostic: a solver that needs no
-statistics (RTN) costs no forward passes at all.
+statistics (RTN) costs no forward passes at all. A solver with `float_targets` also gets, for each
+token, the float model's input of the same linear: the runner then carries a second stream of
+hidden states through an unquantized copy of each block.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,7 +25,8 @@ from .quant.grid import QuantizedWeight
 
 
 class Observer(Protocol):
-    def add(self, x: torch.Tensor) -> None: ...
+    def add(self, x: torch.Tensor, reference: torch.Tensor | None = None) -> None:
+        """reference: the float model's input for the same tokens (only for solvers with float_targets)."""
 
 
 class Solver(Protocol):
@@ -30,6 +34,7 @@ class Solver(Protocol):
     called once per block on the work device before any group is observed (AWQ's scale search)."""
 
     calibrated: bool  # False: quantizes from the weight alone, no forward passes
+    float_targets: bool  # observers also see the float model's inputs (optional attribute; default False)
     report: dict[str, dict]  # per-linear figures (loss, time, fallbacks), filled by quantize
 
     def observer(self, names: list[str], linears: list[nn.Linear]) -> Observer | None:
@@ -74,6 +79,7 @@ def _move(value, device, dtype):
 class BlockInputs:
     hidden: torch.Tensor  # [N, L, H] on the work device, compute dtype
     kwargs: dict  # captured at batch size 1; broadcast over any batch
+    reference: torch.Tensor | None = None  # the float model's hidden states at the same block (float targets)
 
 
 @torch.inference_mode()
@@ -114,26 +120,41 @@ class _Replay(nn.Module):
 
 
 @torch.inference_mode()
-def forward_block(block: nn.Module, inputs: BlockInputs, batch: int, update: bool) -> None:
+def forward_block(block: nn.Module, inputs: BlockInputs, batch: int, update: bool,
+                  reference: nn.Module | None = None) -> None:
     """Run every sample through the block; with update, the outputs replace the inputs in place.
-    A hook may raise _Captured to end a batch's forward early, once it has seen what it needs."""
-    replays = [m for m in block.children() if isinstance(m, _Replay)]
+    A hook may raise _Captured to end a batch's forward early, once it has seen what it needs.
+    With a reference (the block's float copy), each batch first runs through it on inputs.reference."""
+    streams = [(block, inputs.hidden)] if reference is None else [(reference, inputs.reference), (block, inputs.hidden)]
+    replays = [m for module, _ in streams for m in module.children() if isinstance(m, _Replay)]
     for start in range(0, inputs.hidden.shape[0], batch):
         for replay in replays:
             replay.batch = start
-        try:
-            out = block(inputs.hidden[start:start + batch], **inputs.kwargs)
-        except _Captured:
-            continue
-        if update:
-            inputs.hidden[start:start + batch] = out[0] if isinstance(out, tuple) else out
+        for module, hidden in streams:
+            try:
+                out = module(hidden[start:start + batch], **inputs.kwargs)
+            except _Captured:
+                continue
+            if update:
+                hidden[start:start + batch] = out[0] if isinstance(out, tuple) else out
 
 
-def _observe_then_stop(observer: Observer):
-    """Forward pre-hook: feed the linear's input to the observer, then skip the rest of the block."""
+def _observe_then_stop(observer: Observer, kept: list | None = None):
+    """Forward pre-hook: feed the linear's input to the observer (with the float model's input for the
+    same tokens, which the reference block's hook put in `kept`), then skip the rest of the block."""
 
     def hook(module, args):
-        observer.add(args[0])
+        observer.add(args[0], *([kept.pop()] if kept is not None else []))
+        raise _Captured
+
+    return hook
+
+
+def _keep_then_stop(kept: list):
+    """Forward pre-hook on the reference block: keep the linear's float input for the observer."""
+
+    def hook(module, args):
+        kept.append(args[0])
         raise _Captured
 
     return hook
@@ -160,6 +181,9 @@ def _solve_block(block: nn.Module, prefix: str, adapter: ArchAdapter, solver: So
                  inputs: BlockInputs | None, batch: int | None, compute_dtype: torch.dtype) -> dict:
     """Quantize one block's target linears group by group, then (calibrated) propagate the samples."""
     block_results, solved = {}, set()
+    reference = None
+    if inputs is not None and inputs.reference is not None:
+        reference = copy.deepcopy(block)  # the block's float function, before anything is rounded
     try:
         for group in adapter.sequential:
             names = [n for n in group if prefix + n in targets]
@@ -168,25 +192,37 @@ def _solve_block(block: nn.Module, prefix: str, adapter: ArchAdapter, solver: So
             if solver.calibrated and names:  # the group's linears read one input: observe it once
                 observer = solver.observer([prefix + n for n in names], list(linears.values()))
             if observer is not None:  # None: this solver needs no statistics for the group
-                hook = linears[names[0]].register_forward_pre_hook(_observe_then_stop(observer))
+                kept = [] if reference is not None else None
+                hooks = [linears[names[0]].register_forward_pre_hook(_observe_then_stop(observer, kept))]
+                if reference is not None:
+                    hooks.append(reference.get_submodule(names[0]).register_forward_pre_hook(_keep_then_stop(kept)))
                 try:
-                    forward_block(block, inputs, batch, update=False)
+                    forward_block(block, inputs, batch, update=False, reference=reference)
                 finally:
-                    hook.remove()
+                    for hook in hooks:
+                        hook.remove()
             for n in names:
                 qw = solver.quantize(prefix + n, linears[n], observer)
                 _write_back(linears[n], qw, compute_dtype)
                 block_results[prefix + n] = qw.cpu()
             solved.update(group)
             if solver.calibrated:
-                _replay_finished(block, adapter, solved)
+                for module in (block, reference) if reference is not None else (block,):
+                    _replay_finished(module, adapter, solved)
         if solver.calibrated:
-            forward_block(block, inputs, batch, update=True)
+            forward_block(block, inputs, batch, update=True, reference=reference)
     finally:
         for name, child in list(block.named_children()):
             if isinstance(child, _Replay):
                 setattr(block, name, child.module)
     return block_results
+
+
+def _streams(inputs: BlockInputs | None) -> dict[str, torch.Tensor]:
+    """The runner state a resumed run needs: every hidden-state stream leaving the block."""
+    if inputs is None:
+        return {}
+    return {"hidden": inputs.hidden, **({"reference": inputs.reference} if inputs.reference is not None else {})}
 
 
 def run_layers(model: nn.Module, adapter: ArchAdapter, solver: Solver, targets: set[str],
@@ -221,9 +257,13 @@ def run_layers(model: nn.Module, adapter: ArchAdapter, solver: Solver, targets: 
         if samples is None:
             raise ValueError("this solver needs calibration samples")
         inputs = capture_inputs(model, adapter, samples, device, compute_dtype)
+        if getattr(solver, "float_targets", False):
+            inputs.reference = inputs.hidden.clone()
         if done:
             with torch.inference_mode():  # the captured activations are inference tensors
-                inputs.hidden.copy_(workdir.load_state(done - 1))
+                state = workdir.load_state(done - 1)
+                for name, stream in _streams(inputs).items():
+                    stream.copy_(state[name])
         batch = max(1, batch_tokens // samples.shape[1])
     bar = tqdm(range(len(blocks)), desc="quantizing", unit="block", disable=not progress, initial=done)
     for index in range(done, len(blocks)):
@@ -239,7 +279,7 @@ def run_layers(model: nn.Module, adapter: ArchAdapter, solver: Solver, targets: 
             floats = {prefix + n: p for n, p in block.named_parameters()
                       if not (n.endswith(".weight") and prefix + n.removesuffix(".weight") in block_results)}
             workdir.save(index, block_results, {n: solver.report[n] for n in block_results if n in solver.report},
-                         inputs.hidden if inputs is not None else None, floats)
+                         _streams(inputs), floats)
         bar.update()
     bar.close()
     return results

@@ -99,6 +99,7 @@ def test_bad_input_gives_one_line_errors(tiny_model_dir, broken_models, tmp_path
         (["quantize", tiny_model_dir, "--group-size", 0, "--out", out], ["group size"]),
         (["quantize", tiny_model_dir, "--n-samples", 0, "--out", out], ["--n-samples"]),
         (["quantize", tiny_model_dir, "--format", "exl2", "--out", out], ["exl2"]),
+        (["quantize", tiny_model_dir, "--method", "awq", "--float-targets", "--out", out], ["--float-targets", "gptq"]),
     ]
     for argv, needles in cases:
         assert_one_line_error(*run(capsys, *argv)[::2], *needles)

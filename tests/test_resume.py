@@ -1,5 +1,5 @@
-"""kill -9 in the middle of a run (GPTQ, AWQ+GPTQ, GPTQ onto GGUF blocks), then --resume: the result is
-byte-identical to an uninterrupted run."""
+"""kill -9 in the middle of a run (GPTQ, AWQ+GPTQ, GPTQ onto GGUF blocks, GPTQ with float targets), then
+--resume: the result is byte-identical to an uninterrupted run."""
 
 import json
 import os
@@ -30,6 +30,8 @@ RUNS = {  # what a run writes, and the flags that make it
     # AWQ folds scales into norms and biases: a resumed run must restore them for the blocks it skips
     "awq+gptq": ("dir", ["--method", "awq+gptq", "--format", "awq", "--bits", "4", "--group-size", "32", "--asym"]),
     "gguf-gptq": ("file", ["--method", "gptq", "--format", "gguf", "--gguf-type", "Q4_K_M"]),
+    # float targets carry a second stream of activations, which the record must hold too
+    "gptq-float-targets": ("dir", ["--method", "gptq", "--bits", "2", "--group-size", "32", "--float-targets"]),
 }
 
 

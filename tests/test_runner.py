@@ -88,3 +88,54 @@ def test_uncalibrated_solver_needs_no_samples(tiny_model_dir):
     quantized = run_layers(model, adapter, Uncalibrated(), targets, progress=False)
     assert list(quantized) == ["model.layers.0.mlp.up_proj"]
     assert quantized["model.layers.0.mlp.up_proj"].scales.shape == (96, 1)
+
+
+class Pairs:
+    def __init__(self):
+        self.x, self.reference = [], []
+
+    def add(self, x, reference=None):
+        self.x.append(x.reshape(-1, x.shape[-1]).clone())
+        self.reference.append(reference.reshape(-1, x.shape[-1]).clone())
+
+
+class RecordingPairs(RecordingRTN):
+    """A solver with float targets: records each linear's inputs beside the float model's."""
+
+    float_targets = True
+
+    def observer(self, names, linears):
+        pairs = Pairs()
+        self.seen.update({name: pairs for name in names})
+        return pairs
+
+    def quantize(self, name, linear, observer):
+        return rtn(linear.weight, self.spec)
+
+
+def linear_inputs(model, names, samples):
+    inputs = {name: [] for name in names}
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: inputs[n].append(a[0]))
+             for n in names]
+    with torch.no_grad():
+        model(samples, use_cache=False)
+    for h in hooks:
+        h.remove()
+    return {name: torch.cat(x).reshape(-1, x[0].shape[-1]) for name, x in inputs.items()}
+
+
+def test_float_targets_pair_each_input_with_the_float_models(tiny_model_dir):
+    model, _, adapter, _ = load_float_model(tiny_model_dir)
+    samples = torch.randint(0, 300, (5, 24))
+    targets = {adapter.block_prefix(i) + n for i in range(2) for n in adapter.linears()}
+    float_inputs = linear_inputs(model, targets, samples)  # before anything is rounded
+    solver = RecordingPairs(QuantSpec(2, 32, False))
+    run_layers(model, adapter, solver, targets, samples, batch_tokens=48, progress=False)
+    quantized_inputs = linear_inputs(model, targets, samples)
+    drifted = 0
+    for name in targets:
+        pairs = solver.seen[name]
+        torch.testing.assert_close(torch.cat(pairs.reference), float_inputs[name], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.cat(pairs.x), quantized_inputs[name], rtol=1e-4, atol=1e-4)
+        drifted += not torch.allclose(float_inputs[name], quantized_inputs[name], atol=1e-3)
+    assert drifted == len(targets) - 3  # all but block 0's q/k/v, which read the embeddings

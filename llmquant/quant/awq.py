@@ -193,6 +193,7 @@ class AWQSolver:
         if not scaling_pairs:
             raise ValueError("AWQ needs the architecture's scaling pairs (previous op -> linears)")
         self.inner, self.spec, self.pairs, self.targets = inner, spec, scaling_pairs, targets
+        self.float_targets = getattr(inner, "float_targets", False)
         self.n_grid, self.duo_scaling, self.clip, self.max_tokens = n_grid, duo_scaling, clip, max_tokens
         self.report: dict[str, dict] = {}
         self._search: dict[str, dict] = {}  # per linear, until quantize merges it into report

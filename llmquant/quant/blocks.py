@@ -20,7 +20,13 @@ from torch import nn
 from ..formats.gguf.mixes import FLOAT
 from ..formats.gguf.quants import FORMATS, BlockFormat
 from .block_grid import affine, level_bits
-from .gptq import Hessian, HessianNotPositiveDefinite, _inverse_cholesky, _one_thread
+from .gptq import (
+    Hessian,
+    HessianNotPositiveDefinite,
+    _inverse_cholesky,
+    _one_thread,
+    prepare,
+)
 
 MODES = ("reference", "imatrix", "gptq")
 
@@ -58,13 +64,11 @@ class SquareMean:
 
 
 def gptq_blocks(weight: torch.Tensor, H: torch.Tensor, fmt: type[BlockFormat], damp: float = 0.01,
-                max_damp: float = 1.0) -> tuple[torch.Tensor, float, float]:
-    """GPTQ onto a block format: (encoded rows uint8 [out, in / block * type size], loss, damping used)."""
-    W = weight.detach().float().clone()
+                max_damp: float = 1.0, C: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float]:
+    """GPTQ onto a block format: (encoded rows uint8 [out, in / block * type size], loss, damping used).
+    C: see gptq.float_target."""
+    W, H = prepare(weight.float(), H.float(), None if C is None else C.float(), damp, max_damp)
     rows, cols = W.shape
-    H = H.float().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
     importance = torch.diag(H).clone()  # 2 E[x^2]: llama.cpp's imatrix, up to a factor
     U, used = _inverse_cholesky(H, damp, max_damp)
     bits, size = level_bits(fmt.ggml_type.name), fmt.block_size
@@ -98,14 +102,16 @@ def gptq_blocks(weight: torch.Tensor, H: torch.Tensor, fmt: type[BlockFormat], d
 class BlockSolver:
     """Encodes each linear in its block type (`types`: full linear name -> type) in one of MODES."""
 
-    def __init__(self, types: dict[str, GGMLQuantizationType], mode: str = "reference", damp: float = 0.01):
+    def __init__(self, types: dict[str, GGMLQuantizationType], mode: str = "reference", damp: float = 0.01,
+                 float_targets: bool = False):
         self.types, self.mode, self.damp = types, mode, damp
         self.calibrated = mode != "reference"
+        self.float_targets = float_targets and mode == "gptq"
         self.report: dict[str, dict] = {}
 
     def observer(self, names: list[str], linears: list[nn.Linear]) -> SquareMean | Hessian:
         device = linears[0].weight.device
-        return Hessian(linears[0].in_features, device) if self.mode == "gptq" else \
+        return Hessian(linears[0].in_features, device, cross=self.float_targets) if self.mode == "gptq" else \
             SquareMean(linears[0].in_features, device)
 
     def quantize(self, name: str, linear: nn.Linear, observer: SquareMean | Hessian | None) -> BlockTensor:
@@ -116,7 +122,7 @@ class BlockSolver:
         data = None
         if self.mode == "gptq" and kind not in FLOAT and observer.n:
             try:
-                data, entry["loss"], entry["damp"] = gptq_blocks(linear.weight, observer.H, fmt, self.damp)
+                data, entry["loss"], entry["damp"] = gptq_blocks(linear.weight, observer.H, fmt, self.damp, C=observer.C)
             except HessianNotPositiveDefinite as err:
                 warnings.warn(f"{name}: {err}; encoded without GPTQ instead")
                 entry["fallback"] = f"imatrix: {err}"

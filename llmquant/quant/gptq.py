@@ -22,21 +22,29 @@ log = logging.getLogger(__name__)
 
 
 class Hessian:
-    """Running H = 2/n sum x x^T over every token the layer saw, in float32 (or float64)."""
+    """Running H = 2/n sum x x^T over every token the layer saw, in float32 (or float64).
 
-    def __init__(self, columns: int, device, dtype: torch.dtype = torch.float32):
+    With `cross`, also C = 2/n sum (x_float - x) x^T, where x_float is the float model's input for the
+    same token: how far the quantized model's inputs have drifted, which `float_target` corrects for."""
+
+    def __init__(self, columns: int, device, dtype: torch.dtype = torch.float32, cross: bool = False):
         self.H = torch.zeros(columns, columns, device=device, dtype=dtype)
+        self.C = torch.zeros_like(self.H) if cross else None
         self.n = 0
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, reference: torch.Tensor | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).to(self.H.dtype)
         m = x.shape[0]
         if m == 0:
             return
-        self.H.mul_(self.n / (self.n + m))
+        keep = self.n / (self.n + m)
         self.n += m
-        x = x * math.sqrt(2 / self.n)
-        self.H.addmm_(x.T, x)
+        scale = math.sqrt(2 / self.n)
+        if self.C is not None:
+            drift = reference.reshape(x.shape).to(self.H.dtype) - x
+            self.C.mul_(keep).addmm_(drift.T * scale, x * scale)
+        x = x * scale
+        self.H.mul_(keep).addmm_(x.T, x)
 
 
 @dataclass
@@ -79,19 +87,39 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, max_damp: float) -> tuple[to
     raise HessianNotPositiveDefinite(f"H stays indefinite up to damping {max_damp}")
 
 
+def prepare(weight: torch.Tensor, H: torch.Tensor, C: torch.Tensor | None, damp: float,
+            max_damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, H) ready to solve: copies, with dead inputs (never seen) given a unit diagonal so no error
+    feeds back through them, and W moved to its float target when C is given."""
+    W = weight.detach().to(H.dtype).clone()
+    H = H.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    if C is not None:
+        W = float_target(W, H, C, damp, max_damp)
+    return W, H
+
+
+def float_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: float, max_damp: float) -> torch.Tensor:
+    """W + W C H^-1: the least-squares weight for inputs x whose outputs should be the float layer's on
+    the float model's inputs, argmin_V sum ||V x - W x_float||^2 (GPTAQ's asymmetric calibration,
+    Li et al., 2025). Rounding it with GPTQ on H then minimises that distance, not ||(W - Q) x||^2:
+    the error earlier layers left in x is compensated instead of preserved. H^-1 is damped as GPTQ's."""
+    U, _ = _inverse_cholesky(H, damp, max_damp)
+    return W + (W @ C) @ U.T @ U
+
+
 def gptq(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int = 128, damp: float = 0.01,
-         max_damp: float = 1.0, act_order: bool = False, static_groups: bool = False) -> GPTQResult:
-    """Quantize weight [out, in] given the Hessian [in, in] of its inputs.
+         max_damp: float = 1.0, act_order: bool = False, static_groups: bool = False,
+         C: torch.Tensor | None = None) -> GPTQResult:
+    """Quantize weight [out, in] given the Hessian [in, in] of its inputs (and C: see float_target).
 
     act_order solves columns by decreasing H diagonal. Groups are then consecutive in solve order
     (g_idx is permuted) unless static_groups, which fits every group's parameters on the original
     columns before solving, so the checkpoint keeps g_idx = i // group_size.
     """
-    W = weight.detach().to(H.dtype).clone()
+    W, H = prepare(weight, H, C, damp, max_damp)
     rows, cols = W.shape
-    H = H.clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1  # inputs never seen: no error feedback through them
     g = spec.width(cols)
     if spec.group_size == -1 or static_groups:
         scales, zeros = fit(W.float(), spec)  # [rows, groups] on the original column order
@@ -154,13 +182,14 @@ class GPTQSolver:
     calibrated = True
 
     def __init__(self, spec: QuantSpec, block_size: int = 128, damp: float = 0.01, act_order: bool = False,
-                 static_groups: bool = False, hessian_dtype: torch.dtype = torch.float32):
+                 static_groups: bool = False, hessian_dtype: torch.dtype = torch.float32, float_targets: bool = False):
         self.spec, self.block_size, self.damp = spec, block_size, damp
         self.act_order, self.static_groups, self.hessian_dtype = act_order, static_groups, hessian_dtype
+        self.float_targets = float_targets
         self.report: dict[str, dict] = {}
 
     def observer(self, names, linears) -> Hessian:
-        return Hessian(linears[0].in_features, linears[0].weight.device, self.hessian_dtype)
+        return Hessian(linears[0].in_features, linears[0].weight.device, self.hessian_dtype, self.float_targets)
 
     def quantize(self, name: str, linear, observer: Hessian) -> QuantizedWeight:
         start = time.perf_counter()
@@ -169,7 +198,7 @@ class GPTQSolver:
         if reason is None:
             try:
                 result = gptq(linear.weight, observer.H, self.spec, self.block_size, self.damp,
-                              act_order=self.act_order, static_groups=self.static_groups)
+                              act_order=self.act_order, static_groups=self.static_groups, C=observer.C)
                 qw = result.weight
                 entry.update(loss=result.loss, damp=result.damp)
             except HessianNotPositiveDefinite as err:

@@ -57,7 +57,7 @@ def export_gguf(model, config, out: Path, force: bool = False, progress: bool = 
         for linear in adapter.linears():
             full = adapter.block_prefix(index) + linear
             linear_types[full] = types[names[full + ".weight"]]
-    solver = BlockSolver(linear_types, MODE[config.method], config.damp)
+    solver = BlockSolver(linear_types, MODE[config.method], config.damp, config.float_targets)
     if config.method == "awq":  # AWQ's search and fold on the integer grid, then the block encoders
         solver = make_solver(config, config.spec(), adapter.scaling_pairs, set(linear_types), inner=solver)
     samples = calibration_samples(config, float_model, tokenizer) if solver.calibrated else None
