@@ -72,18 +72,20 @@ class HessianNotPositiveDefinite(Exception):
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float, max_damp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of H^-1 after damping; the damping grows tenfold until it factors."""
+    """Upper Cholesky factor of H^-1 after damping; the damping grows tenfold until it factors.
+    One thread on the CPU: at layer widths LAPACK's threaded cholesky_inverse is many times slower."""
     mean_diag = torch.mean(torch.diag(H))
     eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
-    while damp <= max_damp:
-        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
-        if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+    with _one_thread(H.device.type == "cpu"):
+        while damp <= max_damp:
+            L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
             if info == 0:
-                return U, damp
-        log.info("Cholesky failed at damping %.3g; retrying at %.3g", damp, damp * 10)
-        damp *= 10
+                Hinv = torch.cholesky_inverse(L)
+                U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+                if info == 0:
+                    return U, damp
+            log.info("Cholesky failed at damping %.3g; retrying at %.3g", damp, damp * 10)
+            damp *= 10
     raise HessianNotPositiveDefinite(f"H stays indefinite up to damping {max_damp}")
 
 
