@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     gq.add_argument("--block-size", type=int, default=128, help="columns per lazy-batch update (default: 128)")
     gq.add_argument("--float-targets", action="store_true",
                     help="fit each linear to the float model's outputs on the float model's inputs, so the error "
-                         "earlier layers left is compensated (GPTAQ's asymmetric calibration); costs a second "
-                         "stream of calibration activations and about a third more time")
+                         "earlier layers left is compensated (GPTAQ's asymmetric calibration); much better at 3 "
+                         "bits, but a second stream of calibration activations and up to twice the time")
     aq = q.add_argument_group("AWQ")
     aq.add_argument("--no-duo-scaling", dest="duo_scaling", action="store_false",
                     help="search scales mean|x|^a alone instead of mean|x|^a / mean|w|^(1-a)")
