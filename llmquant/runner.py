@@ -207,7 +207,7 @@ def _solve_block(block: nn.Module, prefix: str, adapter: ArchAdapter, solver: So
                 block_results[prefix + n] = qw.cpu()
             solved.update(group)
             if solver.calibrated:
-                for module in (block, reference) if reference is not None else (block,):
+                for module in [m for m in (block, reference) if m is not None]:
                     _replay_finished(module, adapter, solved)
         if solver.calibrated:
             forward_block(block, inputs, batch, update=True, reference=reference)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from llmquant.quant.gptq import GPTQSolver, Hessian, float_target, gptq
+from llmquant.quant.gptq import GPTQSolver, Hessian, gptq, prepare
 from llmquant.quant.grid import QuantSpec, fit
 from llmquant.quant.rtn import rtn
 
@@ -115,7 +115,7 @@ def test_float_target_compensates_the_drift_of_the_inputs():
     h = Hessian(64, "cpu", torch.float64, cross=True)
     for chunk in range(0, 4096, 1000):
         h.add(x[chunk:chunk + 1000], x_float[chunk:chunk + 1000])
-    target = float_target(weight, h.H, h.C, damp=1e-9, max_damp=1.0)
+    target, _, _ = prepare(weight, h.H, h.C, damp=1e-9, max_damp=1.0)  # W moved to its float target
     least_squares = torch.linalg.lstsq(x, x_float @ weight.T).solution.T
     torch.testing.assert_close(target, least_squares, rtol=1e-5, atol=1e-5)
 

@@ -20,13 +20,7 @@ from torch import nn
 from ..formats.gguf.mixes import FLOAT
 from ..formats.gguf.quants import FORMATS, BlockFormat
 from .block_grid import affine, level_bits
-from .gptq import (
-    Hessian,
-    HessianNotPositiveDefinite,
-    _inverse_cholesky,
-    _one_thread,
-    prepare,
-)
+from .gptq import Hessian, HessianNotPositiveDefinite, _inverse_cholesky, _one_thread, prepare
 
 MODES = ("reference", "imatrix", "gptq")
 
@@ -67,10 +61,10 @@ def gptq_blocks(weight: torch.Tensor, H: torch.Tensor, fmt: type[BlockFormat], d
                 max_damp: float = 1.0, C: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float]:
     """GPTQ onto a block format: (encoded rows uint8 [out, in / block * type size], loss, damping used).
     C: see gptq.float_target."""
-    W, H = prepare(weight.float(), H.float(), None if C is None else C.float(), damp, max_damp)
+    W, H, factor = prepare(weight.float(), H.float(), None if C is None else C.float(), damp, max_damp)
     rows, cols = W.shape
     importance = torch.diag(H).clone()  # 2 E[x^2]: llama.cpp's imatrix, up to a factor
-    U, used = _inverse_cholesky(H, damp, max_damp)
+    U, used = factor or _inverse_cholesky(H, damp, max_damp)
     bits, size = level_bits(fmt.ggml_type.name), fmt.block_size
     lazy = max(size, 128 // size * size)  # a block's columns are all updated before it is fitted
     out = torch.empty(rows, cols // size, fmt.type_size, dtype=torch.uint8, device=W.device)
@@ -122,7 +116,8 @@ class BlockSolver:
         data = None
         if self.mode == "gptq" and kind not in FLOAT and observer.n:
             try:
-                data, entry["loss"], entry["damp"] = gptq_blocks(linear.weight, observer.H, fmt, self.damp, C=observer.C)
+                data, entry["loss"], entry["damp"] = gptq_blocks(linear.weight, observer.H, fmt, self.damp,
+                                                                 C=observer.C)
             except HessianNotPositiveDefinite as err:
                 warnings.warn(f"{name}: {err}; encoded without GPTQ instead")
                 entry["fallback"] = f"imatrix: {err}"

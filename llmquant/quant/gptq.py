@@ -90,24 +90,25 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, max_damp: float) -> tuple[to
 
 
 def prepare(weight: torch.Tensor, H: torch.Tensor, C: torch.Tensor | None, damp: float,
-            max_damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W, H) ready to solve: copies, with dead inputs (never seen) given a unit diagonal so no error
-    feeds back through them, and W moved to its float target when C is given."""
+            max_damp: float) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, float] | None]:
+    """(W, H, factor) ready to solve: copies, with dead inputs (never seen) given a unit diagonal so no
+    error feeds back through them, and W moved to its float target when C is given. factor is
+    _inverse_cholesky(H) where the target needed it (the solver reuses it), else None."""
     W = weight.detach().to(H.dtype).clone()
     H = H.clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    if C is not None:
-        W = float_target(W, H, C, damp, max_damp)
-    return W, H
+    if C is None:
+        return W, H, None
+    factor = _inverse_cholesky(H, damp, max_damp)
+    return float_target(W, C, factor[0]), H, factor
 
 
-def float_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: float, max_damp: float) -> torch.Tensor:
-    """W + W C H^-1: the least-squares weight for inputs x whose outputs should be the float layer's on
-    the float model's inputs, argmin_V sum ||V x - W x_float||^2 (GPTAQ's asymmetric calibration,
-    Li et al., 2025). Rounding it with GPTQ on H then minimises that distance, not ||(W - Q) x||^2:
-    the error earlier layers left in x is compensated instead of preserved. H^-1 is damped as GPTQ's."""
-    U, _ = _inverse_cholesky(H, damp, max_damp)
+def float_target(W: torch.Tensor, C: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """W + W C H^-1 (U: upper Cholesky factor of the damped H^-1): the least-squares weight for inputs x
+    whose outputs should be the float layer's on the float model's inputs, argmin_V sum ||V x - W x_float||^2
+    (GPTAQ's asymmetric calibration, Li et al., 2025). Rounding it with GPTQ on H then minimises that
+    distance, not ||(W - Q) x||^2: the error earlier layers left in x is compensated instead of preserved."""
     return W + (W @ C) @ U.T @ U
 
 
@@ -120,15 +121,15 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int
     (g_idx is permuted) unless static_groups, which fits every group's parameters on the original
     columns before solving, so the checkpoint keeps g_idx = i // group_size.
     """
-    W, H = prepare(weight, H, C, damp, max_damp)
+    W, H, factor = prepare(weight, H, C, damp, max_damp)
     rows, cols = W.shape
     g = spec.width(cols)
     if spec.group_size == -1 or static_groups:
         scales, zeros = fit(W.float(), spec)  # [rows, groups] on the original column order
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
     if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
-    U, used_damp = _inverse_cholesky(H, damp, max_damp)
+        W, H, factor = W[:, perm], H[perm][:, perm], None  # the permuted H needs its own factor
+    U, used_damp = factor or _inverse_cholesky(H, damp, max_damp)
     if spec.group_size != -1:
         block_size = max(g, block_size // g * g)  # groups never straddle a block: fit on updated weights
     codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
