@@ -64,7 +64,8 @@ def main() -> None:
     p.add_argument("--mixes", nargs="+", default=["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M",
                                                   "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"])
     p.add_argument("--calib", help="calibration text for both imatrix tools (omit: no imatrix rows)")
-    p.add_argument("--methods", nargs="+", default=["imatrix", "gptq"], help="calibrated llmquant methods to run")
+    p.add_argument("--methods", nargs="+", default=["imatrix", "gptq"],
+                   help="calibrated llmquant methods to run, each METHOD[:FLAG,...], e.g. gptq:--float-targets")
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-data", help="evaluation text; omit to skip ppl/KLD")
@@ -97,9 +98,11 @@ def main() -> None:
         if args.calib:
             files["llama.cpp imatrix"] = ([q, "--imatrix", str(imatrix), str(f32), str(out / f"llama-imx-{mix}.gguf"),
                                            mix, "2"], out / f"llama-imx-{mix}.gguf")
-            for method in args.methods:
-                files[f"llmquant {method}"] = ([*llmquant, "--gguf-type", mix, "--method", method, *calib, "--out",
-                                                str(out / f"ours-{method}-{mix}.gguf")], out / f"ours-{method}-{mix}.gguf")
+            for spec in args.methods:
+                method, *flags = spec.replace(",", ":").split(":")
+                path = out / f"ours-{'-'.join([method, *(f.lstrip('-') for f in flags)])}-{mix}.gguf"
+                files[f"llmquant {' '.join([method, *flags])}"] = (
+                    [*llmquant, "--gguf-type", mix, "--method", method, *flags, *calib, "--out", str(path)], path)
         for who, (cmd, path) in files.items():
             seconds = run(cmd, out / f"{path.stem}.log")
             rows.append({"mix": mix, "who": who, "file": str(path), "seconds": round(seconds, 2),
