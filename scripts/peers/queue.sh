@@ -15,7 +15,7 @@ run() {
   grep -q "\"out_dir\": \"/tmp/peers/out/$name\"" /tmp/peers/results.jsonl 2>/dev/null && return 0
   (cd /work/main && PYTHONPATH=/work/main /tmp/venv/bin/python scripts/peers/record.py "$name")
 }
-GM="gptqmodel run_gptqmodel.py"; LC="llmc run_llmcompressor.py"; AR="autoround run_autoround.py"
+GM="gptqmodel run_gptqmodel.py --dtype float32"; LC="llmc run_llmcompressor.py"; AR="autoround run_autoround.py"
 run gm-w4g128-sym          $GM --bits 4 --group-size 128 --sym
 run ar-w4g128-sym-i0       $AR --bits 4 --group-size 128 --sym --iters 0
 run gm-w4g128-asym         $GM --bits 4 --group-size 128 --asym
