@@ -16,6 +16,7 @@ Results: a JSON line per file in OUT/results.jsonl and a markdown table on stdou
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -46,16 +47,20 @@ def tensor_bytes(path: Path) -> dict[str, tuple[str, bytes]]:
             for t in s.tensors}
 
 
+def tensors_digest(path: Path) -> str:
+    """What the evaluator reads of a file (its tensors' names, types and bytes), not its metadata."""
+    digest = hashlib.sha256()
+    for name, (kind, data) in sorted(tensor_bytes(path).items()):
+        digest.update(f"{name}:{kind}:".encode() + data)
+    return digest.hexdigest()
+
+
 def compare(ours: Path, theirs: Path) -> dict:
     a, b = tensor_bytes(ours), tensor_bytes(theirs)
     common = sorted(set(a) & set(b))
     return {"tensors": len(common), "missing": sorted(set(a) ^ set(b)),
             "type_mismatch": [n for n in common if a[n][0] != b[n][0]],
             "byte_mismatch": [n for n in common if a[n] != b[n]]}
-
-
-def identical(same: dict) -> bool:
-    return not (same["missing"] or same["type_mismatch"] or same["byte_mismatch"])
 
 
 def main() -> None:
@@ -113,17 +118,18 @@ def main() -> None:
               f"{len(same['type_mismatch'])} type mismatches, {len(same['byte_mismatch'])} byte mismatches",
               file=sys.stderr)
     if args.eval_data:
-        # a reference file with llama-quantize's exact bytes scores exactly as llama-quantize's: not run twice
-        twin = {r["file"]: str(out / f"llama-{r['mix']}.gguf") for r in rows
-                if "vs_llama_cpp" in r and identical(r["vs_llama_cpp"])}
-        scored = [r["file"] for r in rows if r["file"] not in twin]
+        # files with the same tensors score the same (our reference encoder and llama-quantize; an imatrix that a
+        # type ignores, as Q8_0 does): each distinct set of tensors is evaluated once
+        first: dict[str, str] = {}
+        twin = {r["file"]: first.setdefault(tensors_digest(Path(r["file"])), r["file"]) for r in rows}
+        scored = list(first.values())
         cmd = [sys.executable, "-m", "llmquant", "eval", *scored, "--base", args.model, "--data",
                args.eval_data, "--windows", str(args.windows), "--seqlen", str(args.eval_seqlen), "--json"]
         result = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         scores = json.loads(result.strip().splitlines()[-1])
         scores = scores if len(scored) > 1 else {scored[0]: scores}
         for r in rows:
-            r.update({k: scores[twin.get(r["file"], r["file"])][k] for k in ("ppl", "kld", "top1")})
+            r.update({k: scores[twin[r["file"]]][k] for k in ("ppl", "kld", "top1")})
     with open(out / "results.jsonl", "a") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
