@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import llmquant
 from llmquant.errors import UserError
@@ -50,6 +51,21 @@ def test_written_checkpoint_reads_back_exactly(tiny_model_dir, tmp_path, bits, a
     for name, tensor in loaded.state_dict().items():
         if name in float_sd and name.rsplit(".", 1)[0] not in quantized:
             assert torch.equal(tensor, float_sd[name]), name
+
+
+def test_inspect_reads_linears_whose_fields_span_shards(tiny_model_dir, tmp_path):
+    model, _, adapter, src = load_float_model(tiny_model_dir)
+    quantized = quantize_all(model, adapter, QuantSpec(3, 32, sym=False, min_zero=1), act_order=False)
+    config = gptq_config(3, 32, False)
+    sharded = save_gptq(tmp_path / "sharded", model, quantized, src, config, max_shard_size="20KB")
+    whole = save_gptq(tmp_path / "whole", model, quantized, src, config)
+    shard_of = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    assert any(len({shard_of[f"{n}.{f}"] for f in hf.PACKED["gptq"]}) > 1 for n in quantized)
+    a, b = hf.describe(sharded), hf.describe(whole)
+    assert a["files"] > 1 and b["files"] == 1
+    for key in ("quantized_linears", "quantized_weights", "bpw"):
+        assert a[key] == b[key], key
+    assert a["quantized_linears"] == len(quantized)
 
 
 def test_loaded_model_computes_with_the_dequantized_weights(tiny_model_dir, tmp_path):
@@ -132,6 +148,13 @@ def test_reader_rejects_bad_checkpoints(tiny_model_dir, tmp_path):
     with pytest.raises(UserError, match="bits=5"):
         llmquant.load(q)
     corrupt(q, lambda c: c["quantization_config"].update(bits=4))
+    tensors = load_file(q / "model.safetensors")
+    g_idx = next(n for n in tensors if n.endswith(".g_idx"))
+    tensors[g_idx] = tensors[g_idx].clone()
+    tensors[g_idx][5] = tensors[g_idx.removesuffix("g_idx") + "scales"].shape[0]  # one past the last group
+    save_file(tensors, q / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match="names group"):
+        llmquant.load(q)
     (q / "model.safetensors").write_bytes(b"\xff" * 64)  # header length far beyond the file
     with pytest.raises(UserError, match="not a valid safetensors file"):
         llmquant.load(q)

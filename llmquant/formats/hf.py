@@ -12,6 +12,7 @@ import math
 import re
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -176,16 +177,23 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
-def _headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
-    shapes = {}
+class TensorInfo(NamedTuple):
+    file: Path  # the shard holding it: a linear's packed fields may sit in different shards
+    shape: tuple[int, ...]
+    dtype: str  # safetensors' name: "I32", "F16", ...
+
+
+def _headers(files: list[Path]) -> dict[str, TensorInfo]:
+    infos = {}
     for f in files:
         try:
             with safe_open(f, "pt") as handle:
                 for name in handle.keys():
-                    shapes[name] = (f, tuple(handle.get_slice(name).get_shape()))
+                    t = handle.get_slice(name)
+                    infos[name] = TensorInfo(f, tuple(t.get_shape()), t.get_dtype())
         except Exception as err:  # safetensors validates the header; anything wrong is a bad file
             raise UserError(f"{f}: not a valid safetensors file ({err})") from None
-    return shapes
+    return infos
 
 
 def _expected_shapes(in_f: int, out_f: int, bits: int, group_size: int,
@@ -229,7 +237,7 @@ def load_quantized(path: Path, device: str | torch.device = "cpu") -> torch.nn.M
             raise UserError(f"{path}: packed tensor '{name}.qweight' names no module of this model") from None
         expected = _expected_shapes(linear.in_features, linear.out_features, q["bits"], q["group_size"], method)
         for field, shape in expected.items():
-            found = headers.get(f"{name}.{field}", (None, None))[1]
+            found = headers[f"{name}.{field}"].shape if f"{name}.{field}" in headers else None
             if found != shape:
                 raise UserError(f"{path}: '{name}.{field}' has shape {found}, expected {shape}")
         if method == "awq" and linear.in_features * q["bits"] % 32:
@@ -246,12 +254,12 @@ def load_quantized(path: Path, device: str | torch.device = "cpu") -> torch.nn.M
     unknown = sorted(set(headers) - set(expected))
     if unknown:
         raise UserError(f"{path}: tensor '{unknown[0]}' belongs to no module of this model")
-    for name, (f, shape) in headers.items():
-        if name not in repacked and tuple(expected[name].shape) != shape:
-            raise UserError(f"{path}: '{name}' has shape {shape}, expected {tuple(expected[name].shape)}")
+    for name, info in headers.items():
+        if name not in repacked and tuple(expected[name].shape) != info.shape:
+            raise UserError(f"{path}: '{name}' has shape {info.shape}, expected {tuple(expected[name].shape)}")
     by_file: dict[Path, list[str]] = {}
-    for name, (f, _) in headers.items():
-        by_file.setdefault(f, []).append(name)
+    for name, info in headers.items():
+        by_file.setdefault(info.file, []).append(name)
     awq_tensors: dict[str, dict[str, torch.Tensor]] = {}
     for f, names in by_file.items():
         with safe_open(f, "pt") as handle:
@@ -260,7 +268,11 @@ def load_quantized(path: Path, device: str | torch.device = "cpu") -> torch.nn.M
                     module, _, field = name.rpartition(".")
                     awq_tensors.setdefault(module, {})[field] = handle.get_tensor(name)
                 else:
-                    set_module_tensor_to_device(model, name, device, value=handle.get_tensor(name))
+                    value = handle.get_tensor(name)
+                    if name.endswith(".g_idx") and name.removesuffix(".g_idx") in packed:
+                        groups = expected[name.removesuffix("g_idx") + "scales"].shape[0]
+                        value = _checked_g_idx(path, name, value, groups)
+                    set_module_tensor_to_device(model, name, device, value=value)
     for module, tensors in awq_tensors.items():
         for field, value in _awq_as_gptq(path, module, tensors, q).items():
             set_module_tensor_to_device(model, f"{module}.{field}", device, value=value)
@@ -272,6 +284,16 @@ def load_quantized(path: Path, device: str | torch.device = "cpu") -> torch.nn.M
     return model.to(device).eval()
 
 
+def _checked_g_idx(path: Path, name: str, g_idx: torch.Tensor, groups: int) -> torch.Tensor:
+    """g_idx indexes the scales in every kernel: a value out of range would read past them."""
+    if g_idx.is_floating_point() or g_idx.is_complex() or g_idx.dtype == torch.bool:
+        raise UserError(f"{path}: '{name}' is {g_idx.dtype}, expected an integer tensor")
+    bad = g_idx[(g_idx < 0) | (g_idx >= groups)]
+    if bad.numel():
+        raise UserError(f"{path}: '{name}' names group {int(bad[0])}, but the linear has {groups} groups")
+    return g_idx.to(torch.int32)
+
+
 def describe(path: Path) -> dict:
     """Summary for `llmquant inspect`: settings, sizes, bits per quantized weight."""
     q = read_quantization_config(path)
@@ -280,12 +302,13 @@ def describe(path: Path) -> dict:
     headers = _headers(files)
     quant_bytes = weights = 0
     for name in {n.rsplit(".", 1)[0] for n in headers if n.endswith(".qweight")}:
-        with safe_open(headers[f"{name}.qweight"][0], "pt") as handle:
-            for field in PACKED[method]:
-                t = handle.get_slice(f"{name}.{field}")
-                quant_bytes += math.prod(t.get_shape()) * (2 if t.get_dtype() in ("F16", "BF16") else 4)
-        in_f = headers[f"{name}.qweight"][1][0] if method == "awq" else headers[f"{name}.g_idx"][1][0]
-        weights += in_f * headers[f"{name}.scales"][1][1]
+        fields = [headers.get(f"{name}.{field}") for field in PACKED[method]]
+        if None in fields:
+            missing = PACKED[method][fields.index(None)]
+            raise UserError(f"{path}: '{name}.qweight' has no '{name}.{missing}'")
+        quant_bytes += sum(math.prod(t.shape) * (2 if t.dtype in ("F16", "BF16") else 4) for t in fields)
+        in_f = fields[0].shape[0] if method == "awq" else fields[3].shape[0]
+        weights += in_f * fields[2].shape[1]
     return {
         "path": str(path), "quant_method": q["quant_method"], "bits": q["bits"], "group_size": q["group_size"],
         "sym": q.get("sym"), "desc_act": q.get("desc_act"), "files": len(files),
