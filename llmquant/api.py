@@ -28,7 +28,6 @@ from .runner import run_layers
 
 METHODS = ("rtn", "gptq", "awq", "awq+gptq", "imatrix")
 FORMATS = ("gptq", "awq", "gguf")
-IMPLEMENTED = {"methods": METHODS, "formats": FORMATS}
 
 
 @dataclass
@@ -61,12 +60,6 @@ class QuantConfig:
             raise UserError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
         if self.format not in FORMATS:
             raise UserError(f"unknown format '{self.format}'; choose one of {', '.join(FORMATS)}")
-        if self.method not in IMPLEMENTED["methods"]:
-            raise UserError(f"method '{self.method}' is not available yet in this version "
-                            f"(available: {', '.join(IMPLEMENTED['methods'])})")
-        if self.format not in IMPLEMENTED["formats"]:
-            raise UserError(f"format '{self.format}' is not available yet in this version "
-                            f"(available: {', '.join(IMPLEMENTED['formats'])})")
         if self.method == "imatrix" and self.format != "gguf":
             raise UserError("--method imatrix weights GGUF block fits; use it with --format gguf")
         if self.format != "gguf" and (self.tensor_types or self.gguf_type != "Q4_K_M"):
@@ -95,10 +88,7 @@ class QuantConfig:
             raise UserError(f"--damp must be in (0, 1], not {self.damp}")
         if self.block_size < 1:
             raise UserError(f"--block-size must be positive, not {self.block_size}")
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise UserError(f"--device must be cpu or cuda, not {self.device}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for, but no CUDA GPU is available")
+        check_device(self.device)
 
     def spec(self) -> QuantSpec:
         # the gptq (v1) layout stores zero - 1, so an asymmetric zero of 0 cannot be written; awq results keep
@@ -155,6 +145,29 @@ def calibration_samples(config: QuantConfig, model, tokenizer) -> torch.Tensor:
     return load_samples(config.calib or "wikitext2", tokenizer, config.n_samples, seqlen, config.seed, model=model)
 
 
+def check_device(device: str) -> None:
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise UserError(f"--device must be cpu or cuda, not {device}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but no CUDA GPU is available")
+
+
+def check_paths(model: str | Path, out: Path, work_dir: str | Path | None) -> None:
+    """Refuse, before any work, output and work paths that would fail at the end or destroy an input:
+    the output replaces whatever is at `out` when the run ends."""
+    out = out.resolve()
+    source = Path(model).resolve() if Path(model).exists() else None
+    if source is not None and (source == out or out in source.parents):
+        raise UserError(f"--out {out} would replace the model being quantized; choose another path")
+    if work_dir is not None:
+        work = Path(work_dir).resolve()
+        if work.exists() and not work.is_dir():
+            raise UserError(f"--work-dir {work} exists and is not a directory")
+        if work == out or out in work.parents:
+            raise UserError(f"--work-dir {work} lies inside --out, which is replaced when the run ends; "
+                            f"choose a work directory elsewhere")
+
+
 def open_workdir(work_dir: str | Path | None, resume: bool, source: Path, samples: torch.Tensor | None,
                  config: QuantConfig):
     """The run's resume.WorkDir, fingerprinted by model, calibration and settings; None without one."""
@@ -176,6 +189,7 @@ def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: boo
     config.validate()
     if resume and work_dir is None:
         raise UserError("--resume needs the --work-dir of the run to continue")
+    check_paths(model, Path(out), work_dir)
     if config.format == "gguf":
         from .formats.gguf.export import export_gguf
 

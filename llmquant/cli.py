@@ -169,6 +169,9 @@ def cmd_quantize(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    from .api import check_device
+
+    check_device(args.device)
     text = _eval_text(args.data)
     results = _evaluate(args.paths, text, args.seqlen, args.windows, args.base, args.device)
     if args.json:  # one object: the result itself, or {path: result} for several paths
@@ -185,10 +188,13 @@ def cmd_eval(args) -> None:
 def cmd_generate(args) -> None:
     import torch
 
-    from .api import load_any
+    from .api import check_device, load_any
     from .eval import TimedStreamer
 
+    check_device(args.device)
     model, tokenizer = load_any(args.path, args.device)
+    if args.chat and not tokenizer.chat_template:
+        raise UserError(f"{args.path}: its tokenizer has no chat template; drop --chat")
     if args.chat:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)["input_ids"]

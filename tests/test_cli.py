@@ -84,11 +84,19 @@ def broken_models(tmp_path_factory):
     (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
     empty = root / "empty"
     empty.mkdir()
-    return {"nan": nan, "gpt2": gpt2, "pickled": pickled, "empty": empty}
+    truncated = root / "truncated"
+    truncated.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (nan / name).exists():
+            (truncated / name).write_bytes((nan / name).read_bytes())
+    (truncated / "model.safetensors").write_bytes((nan / "model.safetensors").read_bytes()[:5000])
+    return {"nan": nan, "gpt2": gpt2, "pickled": pickled, "empty": empty, "truncated": truncated}
 
 
 def test_bad_input_gives_one_line_errors(tiny_model_dir, broken_models, tmp_path, capsys):
     out = tmp_path / "out"
+    not_a_dir = tmp_path / "file.txt"
+    not_a_dir.write_text("a file")
     cases = [
         (["quantize", tmp_path / "missing", "--out", out], ["no such model directory"]),
         (["quantize", broken_models["empty"], "--out", out], ["no config.json"]),
@@ -100,6 +108,12 @@ def test_bad_input_gives_one_line_errors(tiny_model_dir, broken_models, tmp_path
         (["quantize", tiny_model_dir, "--n-samples", 0, "--out", out], ["--n-samples"]),
         (["quantize", tiny_model_dir, "--format", "exl2", "--out", out], ["exl2"]),
         (["quantize", tiny_model_dir, "--method", "awq", "--float-targets", "--out", out], ["--float-targets", "gptq"]),
+        (["quantize", broken_models["truncated"], "--out", out], ["model.safetensors"]),
+        # paths that would only fail once the work is done, or would destroy an input
+        (["quantize", tiny_model_dir, "--out", not_a_dir / "q"], ["is not a directory"]),
+        (["quantize", tiny_model_dir, "--out", tiny_model_dir, "--force"], ["would replace the model"]),
+        (["quantize", tiny_model_dir, "--out", out, "--work-dir", not_a_dir], ["--work-dir", "not a directory"]),
+        (["quantize", tiny_model_dir, "--out", out, "--work-dir", out / "work"], ["inside --out"]),
     ]
     for argv, needles in cases:
         assert_one_line_error(*run(capsys, *argv)[::2], *needles)
@@ -110,3 +124,7 @@ def test_bad_input_gives_one_line_errors(tiny_model_dir, broken_models, tmp_path
     short.write_text("the king")
     assert_one_line_error(*run(capsys, "eval", tiny_model_dir, "--data", short, "--seqlen", 64)[::2], "64")
     assert_one_line_error(*run(capsys, "inspect", tiny_model_dir)[::2], "not a quantized checkpoint")
+    assert_one_line_error(*run(capsys, "eval", tiny_model_dir, "--data", short, "--device", "tpu")[::2], "--device")
+    assert_one_line_error(*run(capsys, "generate", tiny_model_dir, "--prompt", "hi", "--device", "tpu")[::2],
+                          "--device")
+    assert_one_line_error(*run(capsys, "generate", tiny_model_dir, "--prompt", "hi", "--chat")[::2], "chat template")

@@ -17,10 +17,31 @@ from ..errors import UserError
 
 
 def check_destination(dest: Path, force: bool, directory: bool = True) -> None:
+    """Fail now, not after hours of work, if `dest` cannot be written."""
     if dest.exists() and not force:
         raise UserError(f"output {dest} exists; pass --force to replace it")
     if dest.exists() and dest.is_dir() != directory:
         raise UserError(f"output {dest} exists and is {'not ' * directory}a directory")
+    parent = dest.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"output {dest}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"output {dest}: no permission to write in {parent}")
+
+
+def _temporary_sibling(dest: Path, directory: bool) -> Path:
+    """A hidden, uniquely named file or directory beside `dest` (the parents made as needed)."""
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if directory:
+            return Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".incomplete", dir=dest.parent))
+        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".incomplete", dir=dest.parent)
+        os.close(fd)
+        return Path(name)
+    except OSError as err:
+        raise UserError(f"writing {dest} failed: {err.strerror or err}") from None
 
 
 def _finish(paths: list[Path]) -> None:
@@ -42,8 +63,7 @@ def atomic_directory(dest: Path, force: bool = False):
     """Yield a temporary directory; on success it replaces `dest`."""
     dest = Path(dest)
     check_destination(dest, force)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".incomplete", dir=dest.parent))
+    tmp = _temporary_sibling(dest, directory=True)
     try:
         yield tmp
         _finish([*tmp.rglob("*"), tmp])
@@ -68,10 +88,7 @@ def atomic_file(dest: Path, force: bool = False):
     """Yield a temporary file path beside `dest`; on success it is flushed and renamed onto `dest`."""
     dest = Path(dest)
     check_destination(dest, force, directory=False)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".incomplete", dir=dest.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _temporary_sibling(dest, directory=False)
     try:
         yield tmp
         _finish([tmp])

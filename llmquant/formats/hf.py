@@ -183,7 +183,8 @@ class TensorInfo(NamedTuple):
     dtype: str  # safetensors' name: "I32", "F16", ...
 
 
-def _headers(files: list[Path]) -> dict[str, TensorInfo]:
+def tensor_headers(files: list[Path]) -> dict[str, TensorInfo]:
+    """Every tensor's shard, shape and dtype, from the headers alone; a malformed file is a UserError."""
     infos = {}
     for f in files:
         try:
@@ -224,7 +225,7 @@ def load_quantized(path: Path, device: str | torch.device = "cpu") -> torch.nn.M
     path = Path(path)
     q = read_quantization_config(path)
     method = q["quant_method"]
-    headers = _headers(weight_files(path))
+    headers = tensor_headers(weight_files(path))
     config = AutoConfig.from_pretrained(path)
     del config.quantization_config
     with init_empty_weights(include_buffers=False):
@@ -299,7 +300,7 @@ def describe(path: Path) -> dict:
     q = read_quantization_config(path)
     method = q["quant_method"]
     files = weight_files(path)
-    headers = _headers(files)
+    headers = tensor_headers(files)
     quant_bytes = weights = 0
     for name in {n.rsplit(".", 1)[0] for n in headers if n.endswith(".qweight")}:
         fields = [headers.get(f"{name}.{field}") for field in PACKED[method]]

@@ -57,7 +57,12 @@ def read_config(path: Path) -> dict:
 
 
 def check_safetensors(path: Path) -> None:
-    if any(path.glob("*.safetensors")):
+    """The weights are safetensors (never unpickled) whose headers agree with their files."""
+    from ..formats.hf import tensor_headers
+
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        tensor_headers(files)
         return
     pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
     hint = f" (found {pickled[0]}: pickled weights are not loaded, convert them to safetensors)" if pickled else ""
