@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 import llmquant
 from llmquant.errors import UserError
 from llmquant.formats import atomic, hf
-from llmquant.formats.hf import gptq_config, save_gptq
+from llmquant.formats.hf import gptq_config, save_quantized
 from llmquant.models.loader import load_float_model
 from llmquant.nn.qlinear import QuantLinear
 from llmquant.quant.grid import QuantSpec, default_g_idx, fit, quantize
@@ -33,7 +33,7 @@ def test_written_checkpoint_reads_back_exactly(tiny_model_dir, tmp_path, bits, a
     model, _, adapter, src = load_float_model(tiny_model_dir)
     spec = QuantSpec(bits, 32, sym=bits % 2 == 0, min_zero=1)
     quantized = quantize_all(model, adapter, spec, act_order)
-    out = save_gptq(tmp_path / "q", model, quantized, src,
+    out = save_quantized(tmp_path / "q", model, quantized, src,
                     gptq_config(bits, 32, spec.sym, desc_act=act_order), max_shard_size="100KB")
     index = json.loads((out / "model.safetensors.index.json").read_text())  # small shards force an index
     assert len(set(index["weight_map"].values())) > 1
@@ -57,8 +57,8 @@ def test_inspect_reads_linears_whose_fields_span_shards(tiny_model_dir, tmp_path
     model, _, adapter, src = load_float_model(tiny_model_dir)
     quantized = quantize_all(model, adapter, QuantSpec(3, 32, sym=False, min_zero=1), act_order=False)
     config = gptq_config(3, 32, False)
-    sharded = save_gptq(tmp_path / "sharded", model, quantized, src, config, max_shard_size="20KB")
-    whole = save_gptq(tmp_path / "whole", model, quantized, src, config)
+    sharded = save_quantized(tmp_path / "sharded", model, quantized, src, config, max_shard_size="20KB")
+    whole = save_quantized(tmp_path / "whole", model, quantized, src, config)
     shard_of = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
     assert any(len({shard_of[f"{n}.{f}"] for f in hf.PACKED["gptq"]}) > 1 for n in quantized)
     a, b = hf.describe(sharded), hf.describe(whole)
@@ -72,7 +72,7 @@ def test_loaded_model_computes_with_the_dequantized_weights(tiny_model_dir, tmp_
     model, _, adapter, src = load_float_model(tiny_model_dir)
     spec = QuantSpec(4, 32, False, min_zero=1)
     quantized = quantize_all(model, adapter, spec, act_order=False)
-    save_gptq(tmp_path / "q", model, quantized, src, gptq_config(4, 32, False))
+    save_quantized(tmp_path / "q", model, quantized, src, gptq_config(4, 32, False))
     for name, qw in quantized.items():
         model.get_submodule(name).weight.data = qw.dequantize()
     loaded = llmquant.load(tmp_path / "q")
@@ -86,7 +86,7 @@ def test_tied_embeddings_are_stored_once(tmp_path):
 
     src = make_tiny_model(tmp_path / "tied", tie=True)
     model, _, adapter, _ = load_float_model(src)
-    save_gptq(tmp_path / "q", model, quantize_all(model, adapter, QuantSpec(4, 32), False), src,
+    save_quantized(tmp_path / "q", model, quantize_all(model, adapter, QuantSpec(4, 32), False), src,
               gptq_config(4, 32, True))
     with safe_open(tmp_path / "q" / "model.safetensors", "pt") as f:
         assert "lm_head.weight" not in f.keys()
@@ -103,7 +103,7 @@ def test_failed_write_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(hf, "save_file", disk_full)
     with pytest.raises(UserError, match="No space left on device"):
-        save_gptq(tmp_path / "q", model, quantized, src, gptq_config(4, 32, True))
+        save_quantized(tmp_path / "q", model, quantized, src, gptq_config(4, 32, True))
     assert list(tmp_path.iterdir()) == []
 
     def interrupted(*args, **kwargs):
@@ -111,7 +111,7 @@ def test_failed_write_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(hf, "save_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        save_gptq(tmp_path / "q", model, quantized, src, gptq_config(4, 32, True))
+        save_quantized(tmp_path / "q", model, quantized, src, gptq_config(4, 32, True))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -136,7 +136,7 @@ def corrupt(path, edit):
 
 def test_reader_rejects_bad_checkpoints(tiny_model_dir, tmp_path):
     model, _, adapter, src = load_float_model(tiny_model_dir)
-    save_gptq(tmp_path / "q", model, quantize_all(model, adapter, QuantSpec(4, 32), False), src,
+    save_quantized(tmp_path / "q", model, quantize_all(model, adapter, QuantSpec(4, 32), False), src,
               gptq_config(4, 32, True))
     q = tmp_path / "q"
     with pytest.raises(UserError, match="not a quantized checkpoint"):

@@ -129,9 +129,6 @@ def save_quantized(out_dir: Path, model: torch.nn.Module, quantized: dict[str, Q
     return Path(out_dir)
 
 
-save_gptq = save_quantized  # the name from when gptq was the only layout
-
-
 # ---------------------------------------------------------------------------------------------- reading
 
 def read_quantization_config(path: Path) -> dict:

@@ -185,14 +185,14 @@ class GPTQSolver:
     calibrated = True
 
     def __init__(self, spec: QuantSpec, block_size: int = 128, damp: float = 0.01, act_order: bool = False,
-                 static_groups: bool = False, hessian_dtype: torch.dtype = torch.float32, float_targets: bool = False):
+                 static_groups: bool = False, float_targets: bool = False):
         self.spec, self.block_size, self.damp = spec, block_size, damp
-        self.act_order, self.static_groups, self.hessian_dtype = act_order, static_groups, hessian_dtype
+        self.act_order, self.static_groups = act_order, static_groups
         self.float_targets = float_targets
         self.report: dict[str, dict] = {}
 
     def observer(self, names, linears) -> Hessian:
-        return Hessian(linears[0].in_features, linears[0].weight.device, self.hessian_dtype, self.float_targets)
+        return Hessian(linears[0].in_features, linears[0].weight.device, cross=self.float_targets)
 
     def quantize(self, name: str, linear, observer: Hessian) -> QuantizedWeight:
         start = time.perf_counter()
