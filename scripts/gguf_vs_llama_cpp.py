@@ -3,7 +3,7 @@
 For each mix: llama-quantize without and with an importance matrix (llama-imatrix on the same
 calibration text), and llmquant's reference, imatrix and GPTQ encoders, all from the same F32 GGUF
 that llmquant writes. Reports per mix: whether llmquant's reference file has llama-quantize's
-tensor types and bytes, wall time of both (whole process, 2 threads), and, with --eval-data, ppl
+tensor types and bytes, wall time and peak RSS of both (whole process, 2 threads), and, with --eval-data, ppl
 and KLD vs the float model of every file through llmquant's evaluator (our block decoders).
 
     bash scripts/build_llama_cpp.sh   # once, ~10 min on 2 cores
@@ -29,13 +29,16 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(cmd: list[str], log: Path) -> float:
-    """Wall seconds of one whole process; its output goes to `log`."""
+def run(cmd: list[str], log: Path) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of one whole process; its output goes to `log`."""
     start = time.perf_counter()
     with open(log, "w") as f:
-        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT,
-                       env={**os.environ, "OMP_NUM_THREADS": "2"})
-    return time.perf_counter() - start
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "2"})
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, unlike RUSAGE_CHILDREN's running max
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return time.perf_counter() - start, usage.ru_maxrss * 1024
 
 
 def tensor_bytes(path: Path) -> dict[str, tuple[str, bytes]]:
@@ -109,9 +112,9 @@ def main() -> None:
                 files[f"llmquant {' '.join([method, *flags])}"] = (
                     [*llmquant, "--gguf-type", mix, "--method", method, *flags, *calib, "--out", str(path)], path)
         for who, (cmd, path) in files.items():
-            seconds = run(cmd, out / f"{path.stem}.log")
+            seconds, rss = run(cmd, out / f"{path.stem}.log")
             rows.append({"mix": mix, "who": who, "file": str(path), "seconds": round(seconds, 2),
-                         "size_bytes": path.stat().st_size})
+                         "peak_rss_mb": round(rss / 2**20), "size_bytes": path.stat().st_size})
         same = compare(out / f"ours-{mix}.gguf", out / f"llama-{mix}.gguf")
         rows[-len(files) + 1]["vs_llama_cpp"] = same
         print(f"{mix}: reference encoder vs llama-quantize: {same['tensors']} tensors, "
@@ -133,10 +136,11 @@ def main() -> None:
     with open(out / "results.jsonl", "a") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
-    print("| mix | quantizer | MiB | seconds | ppl | KLD | top-1 |\n|---|---|---|---|---|---|---|")
+    print("| mix | quantizer | MiB | seconds | peak RSS MiB | ppl | KLD | top-1 |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['mix']} | {r['who']} | {r['size_bytes'] / 2**20:.2f} | {r['seconds']:.1f} | "
-              f"{r.get('ppl', float('nan')):.4f} | {r.get('kld', float('nan')):.5f} | {r.get('top1', float('nan')):.4f} |")
+        ppl, kld, top1 = (r.get(k, float("nan")) for k in ("ppl", "kld", "top1"))
+        print(f"| {r['mix']} | {r['who']} | {r['size_bytes'] / 2**20:.2f} | {r['seconds']:.1f} | {r['peak_rss_mb']} | "
+              f"{ppl:.4f} | {kld:.5f} | {top1:.4f} |")
 
 
 if __name__ == "__main__":
