@@ -18,27 +18,20 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+from timed import run_timed
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run(cmd: list[str], log: Path) -> tuple[float, int]:
     """(wall seconds, peak RSS bytes) of one whole process; its output goes to `log`."""
-    start = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "2"})
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, unlike RUSAGE_CHILDREN's running max
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise subprocess.CalledProcessError(proc.returncode, cmd)
-    return time.perf_counter() - start, usage.ru_maxrss * 1024
+        return run_timed(cmd, f)
 
 
 def tensor_bytes(path: Path) -> dict[str, tuple[str, bytes]]:

@@ -1,0 +1,20 @@
+"""Wall time and peak RSS of one whole process, the way every benchmark script here reports them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+
+def run_timed(cmd: list[str], stdout, stderr=subprocess.STDOUT, threads: int = 2) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of `cmd` run with `threads` torch/OpenMP threads; its output goes to the
+    open files `stdout` and `stderr` (default: stderr into stdout). Raises CalledProcessError on failure."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, unlike RUSAGE_CHILDREN's running max
+    seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return seconds, usage.ru_maxrss * 1024
