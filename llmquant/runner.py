@@ -225,6 +225,7 @@ def _streams(inputs: BlockInputs | None) -> dict[str, torch.Tensor]:
     return {"hidden": inputs.hidden, **({"reference": inputs.reference} if inputs.reference is not None else {})}
 
 
+@torch.no_grad()  # nothing here needs autograd, and a graph behind a result keeps its float weight alive
 def run_layers(model: nn.Module, adapter: ArchAdapter, solver: Solver, targets: set[str],
                samples: torch.Tensor | None = None, device: str | torch.device = "cpu",
                batch_tokens: int = 4096, progress: bool = True, workdir=None) -> dict[str, QuantizedWeight]:
