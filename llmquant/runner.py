@@ -13,6 +13,7 @@ hidden states through an unquantized copy of each block.
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -105,17 +106,25 @@ def capture_inputs(model: nn.Module, adapter: ArchAdapter, samples: torch.Tensor
 
 class _Replay(nn.Module):
     """Stands in for a block child whose output can no longer change (adapter.replayable, its linears
-    quantized): the first pass records the output of each batch, later passes return the record."""
+    quantized): the first pass records the output of each batch, later passes return the record. When
+    the pass that solved the child's last linear kept that linear's inputs (`tail_inputs`, one per batch),
+    the output is that linear applied to them, and nothing before it in the child is computed again."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, tail: nn.Linear | None = None, tail_inputs: list | None = None,
+                 with_weights: bool = False):
         super().__init__()
         self.module = module
-        self.batch: int | None = None  # start of the batch being run, set by forward_block
+        self.batch: int | None = None  # index of the batch being run, set by forward_block
         self.outputs: dict[int, object] = {}
+        self.tail, self.tail_inputs, self.with_weights = tail, tail_inputs or [], with_weights
 
     def forward(self, *args, **kwargs):
         if self.batch not in self.outputs:
-            self.outputs[self.batch] = self.module(*args, **kwargs)
+            if self.batch < len(self.tail_inputs):
+                out = self.tail(self.tail_inputs[self.batch])
+                self.outputs[self.batch] = (out, None) if self.with_weights else out
+            else:
+                self.outputs[self.batch] = self.module(*args, **kwargs)
         return self.outputs[self.batch]
 
 
@@ -127,9 +136,9 @@ def forward_block(block: nn.Module, inputs: BlockInputs, batch: int, update: boo
     With a reference (the block's float copy), each batch first runs through it on inputs.reference."""
     streams = [(block, inputs.hidden)] if reference is None else [(reference, inputs.reference), (block, inputs.hidden)]
     replays = [m for module, _ in streams for m in module.children() if isinstance(m, _Replay)]
-    for start in range(0, inputs.hidden.shape[0], batch):
+    for index, start in enumerate(range(0, inputs.hidden.shape[0], batch)):
         for replay in replays:
-            replay.batch = start
+            replay.batch = index
         for module, hidden in streams:
             try:
                 out = module(hidden[start:start + batch], **inputs.kwargs)
@@ -139,28 +148,33 @@ def forward_block(block: nn.Module, inputs: BlockInputs, batch: int, update: boo
                 hidden[start:start + batch] = out[0] if isinstance(out, tuple) else out
 
 
-def _observe_then_stop(observer: Observer, kept: list | None = None):
+def _observe_then_stop(observer: Observer, kept: list | None = None, record: list | None = None):
     """Forward pre-hook: feed the linear's input to the observer (with the float model's input for the
-    same tokens, which the reference block's hook put in `kept`), then skip the rest of the block."""
+    same tokens, which the reference block's hook put in `kept`), then skip the rest of the block.
+    With `record`, also keep the input for a later replay of the child it ends (see _Replay)."""
 
     def hook(module, args):
         observer.add(args[0], *([kept.pop()] if kept is not None else []))
+        if record is not None:
+            record.append(args[0])
         raise _Captured
 
     return hook
 
 
-def _keep_then_stop(kept: list):
+def _keep_then_stop(kept: list, record: list | None = None):
     """Forward pre-hook on the reference block: keep the linear's float input for the observer."""
 
     def hook(module, args):
         kept.append(args[0])
+        if record is not None:
+            record.append(args[0])
         raise _Captured
 
     return hook
 
 
-def _replay_finished(block: nn.Module, adapter: ArchAdapter, solved: set[str]) -> None:
+def _replay_finished(block: nn.Module, adapter: ArchAdapter, solved: set[str], tail_inputs: dict[str, list]) -> None:
     """Swap in a _Replay for each replayable child all of whose linears are solved (or left in float)."""
     for name in adapter.replayable:
         child = getattr(block, name, None)
@@ -168,7 +182,21 @@ def _replay_finished(block: nn.Module, adapter: ArchAdapter, solved: set[str]) -
             continue
         inside = [n for n in adapter.linears() if n.startswith(name + ".")]
         if inside and all(n in solved for n in inside):
-            setattr(block, name, _Replay(child))
+            tail, with_weights = adapter.tails.get(name, (None, False))
+            setattr(block, name, _Replay(child, tail and child.get_submodule(tail), tail_inputs.get(f"{name}.{tail}"),
+                                         with_weights))
+
+
+def _room_for(nbytes: int, device: torch.device) -> bool:
+    """Whether keeping `nbytes` more on `device` leaves at least as much free (replay records are optional)."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):  # not on every platform: then recompute rather than guess
+            return False
+    return 2 * nbytes <= free
 
 
 def _write_back(linear: nn.Linear, qw: QuantizedWeight, dtype: torch.dtype) -> None:
@@ -181,6 +209,8 @@ def _solve_block(block: nn.Module, prefix: str, adapter: ArchAdapter, solver: So
                  inputs: BlockInputs | None, batch: int | None, compute_dtype: torch.dtype) -> dict:
     """Quantize one block's target linears group by group, then (calibrated) propagate the samples."""
     block_results, solved = {}, set()
+    tails = {f"{child}.{linear}" for child, (linear, _) in adapter.tails.items()}
+    tail_inputs: dict[int, dict[str, list]] = {}  # per module (block, reference): a tail linear's inputs
     reference = None
     if inputs is not None and inputs.reference is not None:
         reference = copy.deepcopy(block)  # the block's float function, before anything is rounded
@@ -193,9 +223,19 @@ def _solve_block(block: nn.Module, prefix: str, adapter: ArchAdapter, solver: So
                 observer = solver.observer([prefix + n for n in names], list(linears.values()))
             if observer is not None:  # None: this solver needs no statistics for the group
                 kept = [] if reference is not None else None
-                hooks = [linears[names[0]].register_forward_pre_hook(_observe_then_stop(observer, kept))]
+                first = names[0]
+                records = {}
+                if len(names) == 1 and first in tails:
+                    width = inputs.hidden.shape[0] * inputs.hidden.shape[1] * linears[first].in_features
+                    if _room_for(width * inputs.hidden.element_size() * (1 + (reference is not None)),
+                                 inputs.hidden.device):
+                        records = {id(m): tail_inputs.setdefault(id(m), {}).setdefault(first, [])
+                                   for m in (block, reference) if m is not None}
+                hooks = [linears[first].register_forward_pre_hook(
+                    _observe_then_stop(observer, kept, records.get(id(block))))]
                 if reference is not None:
-                    hooks.append(reference.get_submodule(names[0]).register_forward_pre_hook(_keep_then_stop(kept)))
+                    hooks.append(reference.get_submodule(first).register_forward_pre_hook(
+                        _keep_then_stop(kept, records.get(id(reference)))))
                 try:
                     forward_block(block, inputs, batch, update=False, reference=reference)
                 finally:
@@ -208,7 +248,7 @@ def _solve_block(block: nn.Module, prefix: str, adapter: ArchAdapter, solver: So
             solved.update(group)
             if solver.calibrated:
                 for module in [m for m in (block, reference) if m is not None]:
-                    _replay_finished(module, adapter, solved)
+                    _replay_finished(module, adapter, solved, tail_inputs.get(id(module), {}))
         if solver.calibrated:
             forward_block(block, inputs, batch, update=True, reference=reference)
     finally:

@@ -41,16 +41,22 @@ def test_runner_observes_what_the_quantized_model_computes(tiny_model_dir):
     targets.discard("model.layers.1.mlp.down_proj")  # a linear left in float is simply not touched
     before = model.model.layers[1].mlp.down_proj.weight.clone()
     solver = RecordingRTN(QuantSpec(3, 32, False))
-    calls = []
-    hooks = [block.self_attn.register_forward_pre_hook(lambda m, a, k, i=i: calls.append(i), with_kwargs=True)
+    attention, gate = [], []
+    hooks = [block.self_attn.register_forward_pre_hook(lambda m, a, k, i=i: attention.append(i), with_kwargs=True)
              for i, block in enumerate(model.model.layers)]
+    hooks += [block.mlp.gate_proj.register_forward_hook(lambda m, a, o, i=i: gate.append(i))
+              for i, block in enumerate(model.model.layers)]
     quantized = run_layers(model, adapter, solver, targets, samples, batch_tokens=48, progress=False)
     for h in hooks:
         h.remove()
-    # 3 batches of 2, 2, 1 samples; attention runs in the q/k/v, o_proj and gate/up passes; once o_proj is
-    # quantized its output is replayed in the down_proj pass and the pass that propagates the samples
-    assert [calls.count(i) for i in range(2)] == [3 * 3, 3 * 3]
+    # 3 batches of 2, 2, 1 samples. Attention runs in the q/k/v and o_proj passes; once o_proj is quantized,
+    # the gate/up pass applies it to the inputs its pass kept, and later passes replay that output. gate_proj
+    # computes in the down_proj pass only, whose kept inputs then give the mlp's output; block 1's down_proj
+    # stays float and is not observed, so there the mlp runs in full in the last pass
+    assert [attention.count(i) for i in range(2)] == [2 * 3, 2 * 3]
+    assert [gate.count(i) for i in range(2)] == [3, 3]
     assert all(type(block.self_attn).__name__ != "_Replay" for block in model.model.layers)
+    assert all(type(block.mlp).__name__ != "_Replay" for block in model.model.layers)
     assert set(quantized) == targets == set(solver.seen)
     assert torch.equal(model.model.layers[1].mlp.down_proj.weight, before)
     # every linear was observed on the inputs the fully quantized model gives it: q/k/v after the

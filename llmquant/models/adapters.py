@@ -30,9 +30,13 @@ class ArchAdapter:
         ("post_attention_layernorm", tuple(MLP_IN)),
         ("mlp.up_proj", tuple(MLP_OUT)),
     )
-    # block children that read the block input (through a norm) and hold only linears of this block: once
-    # their linears are quantized their output is fixed, and the runner's later passes replay it
-    replayable: tuple[str, ...] = ("self_attn",)
+    # block children that hold only linears of this block, and whose input is fixed once the linears of
+    # the children before them are quantized: once their own are too, later passes replay their output
+    replayable: tuple[str, ...] = ("self_attn", "mlp")
+    # replayable child -> (its last linear, whether the child returns (output, attention weights)): the
+    # child's output is that linear's output, so a replay computes it from the linear's recorded inputs
+    tails: dict[str, tuple[str, bool]] = field(default_factory=lambda: {"self_attn": ("o_proj", True),
+                                                                        "mlp": ("down_proj", False)})
     gguf_arch: str = "llama"
     extra: dict = field(default_factory=dict)
 
