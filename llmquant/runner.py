@@ -122,6 +122,7 @@ class _Replay(nn.Module):
         if self.batch not in self.outputs:
             if self.batch < len(self.tail_inputs):
                 out = self.tail(self.tail_inputs[self.batch])
+                self.tail_inputs[self.batch] = None  # used once: its output is recorded instead
                 self.outputs[self.batch] = (out, None) if self.with_weights else out
             else:
                 self.outputs[self.batch] = self.module(*args, **kwargs)
