@@ -7,11 +7,25 @@ Run in the AutoRound venv: python scripts/peers/run_autoround.py --bits 4 --iter
 
 from __future__ import annotations
 
+import shutil
 import time
+from pathlib import Path
 
 import torch
 
 from common import base_parser, load_input_ids, setup_threads, write_run_info
+
+
+def flatten(out: Path) -> None:
+    """auto-round 0.16 saves into OUT/<model name>-w<bits>g<group>/: move that folder's files up into OUT."""
+    if (out / "config.json").exists():
+        return
+    inner = [d for d in out.iterdir() if (d / "config.json").exists()]
+    if len(inner) != 1:
+        raise SystemExit(f"{out}: expected one saved checkpoint folder, found {[d.name for d in inner]}")
+    for item in inner[0].iterdir():
+        shutil.move(str(item), out / item.name)
+    inner[0].rmdir()
 
 
 def main() -> None:
@@ -33,6 +47,7 @@ def main() -> None:
     rounder = AutoRound(model, tokenizer, dataset=[row[None] for row in ids], device_map="cpu", seed=0, **settings)
     rounder.quantize_and_save(str(args.out), format="fake")
     seconds = time.perf_counter() - start
+    flatten(Path(args.out))
     write_run_info(args.out, "autoround", settings, seconds)
     print(f"autoround: wrote {args.out} in {seconds:.1f} s")
 
