@@ -11,28 +11,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
+
+from timed import run_timed
 
 
 def run_once(model: str, flags: list[str], threads: int | None) -> tuple[float, float]:
     """(wall seconds, peak RSS in MiB) of one quantize process."""
-    with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
-        cmd = [sys.executable, "-c",
-               "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]).returncode; "
-               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(r)",
-               sys.executable, "-m", "llmquant", "quantize", model, "--out", f"{tmp}/out", *flags]
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        wall = time.perf_counter() - start
-        if proc.returncode:
-            raise SystemExit(f"quantize failed:\n{proc.stderr[-2000:]}")
-        return wall, int(proc.stderr.strip().splitlines()[-1]) / 1024
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryFile("w+") as log:
+        try:
+            wall, rss = run_timed([sys.executable, "-m", "llmquant", "quantize", model, "--out", f"{tmp}/out", *flags],
+                                  log, threads=threads)
+        except subprocess.CalledProcessError:
+            log.seek(0)
+            raise SystemExit(f"quantize failed:\n{log.read()[-2000:]}") from None
+        return wall, rss / 2**20
 
 
 def main() -> None:
