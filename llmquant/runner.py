@@ -184,8 +184,10 @@ def _replay_finished(block: nn.Module, adapter: ArchAdapter, solved: set[str], t
         inside = [n for n in adapter.linears() if n.startswith(name + ".")]
         if inside and all(n in solved for n in inside):
             tail, with_weights = adapter.tails.get(name, (None, False))
-            setattr(block, name, _Replay(child, tail and child.get_submodule(tail), tail_inputs.get(f"{name}.{tail}"),
-                                         with_weights))
+            kept = tail_inputs.get(f"{name}.{tail}")
+            if not kept and solved.issuperset(adapter.linears()):
+                continue  # only the last pass is left: a recorded output would never be read
+            setattr(block, name, _Replay(child, tail and child.get_submodule(tail), kept, with_weights))
 
 
 def _room_for(nbytes: int, device: torch.device) -> bool:
@@ -211,7 +213,7 @@ def _solve_block(block: nn.Module, prefix: str, adapter: ArchAdapter, solver: So
     """Quantize one block's target linears group by group, then (calibrated) propagate the samples."""
     block_results, solved = {}, set()
     tails = {f"{child}.{linear}" for child, (linear, _) in adapter.tails.items()}
-    tail_inputs: dict[int, dict[str, list]] = {}  # per module (block, reference): a tail linear's inputs
+    tail_inputs: dict[nn.Module, dict[str, list]] = {}  # per module (block, reference): tail linears' inputs
     reference = None
     if inputs is not None and inputs.reference is not None:
         reference = copy.deepcopy(block)  # the block's float function, before anything is rounded
@@ -230,13 +232,13 @@ def _solve_block(block: nn.Module, prefix: str, adapter: ArchAdapter, solver: So
                     width = inputs.hidden.shape[0] * inputs.hidden.shape[1] * linears[first].in_features
                     if _room_for(width * inputs.hidden.element_size() * (1 + (reference is not None)),
                                  inputs.hidden.device):
-                        records = {id(m): tail_inputs.setdefault(id(m), {}).setdefault(first, [])
+                        records = {m: tail_inputs.setdefault(m, {}).setdefault(first, [])
                                    for m in (block, reference) if m is not None}
                 hooks = [linears[first].register_forward_pre_hook(
-                    _observe_then_stop(observer, kept, records.get(id(block))))]
+                    _observe_then_stop(observer, kept, records.get(block)))]
                 if reference is not None:
                     hooks.append(reference.get_submodule(first).register_forward_pre_hook(
-                        _keep_then_stop(kept, records.get(id(reference)))))
+                        _keep_then_stop(kept, records.get(reference))))
                 try:
                     forward_block(block, inputs, batch, update=False, reference=reference)
                 finally:
@@ -249,7 +251,7 @@ def _solve_block(block: nn.Module, prefix: str, adapter: ArchAdapter, solver: So
             solved.update(group)
             if solver.calibrated:
                 for module in [m for m in (block, reference) if m is not None]:
-                    _replay_finished(module, adapter, solved, tail_inputs.get(id(module), {}))
+                    _replay_finished(module, adapter, solved, tail_inputs.get(module, {}))
         if solver.calibrated:
             forward_block(block, inputs, batch, update=True, reference=reference)
     finally:
