@@ -43,9 +43,9 @@ class QuantConfig:
     seqlen: int = 2048
     seed: int = 0
     device: str = "cpu"
-    # GPTQ
-    act_order: bool = False
-    static_groups: bool = False
+    # GPTQ (act_order, static_groups: None = the method's default, see gptq_order)
+    act_order: bool | None = None
+    static_groups: bool | None = None
     damp: float = 0.01
     block_size: int = 128
     float_targets: bool = False  # fit each linear to the float model's outputs on the float model's inputs
@@ -80,15 +80,27 @@ class QuantConfig:
             raise UserError(f"--clip must be minmax or mse, not {self.clip}")
         if self.method not in ("gptq", "awq+gptq") and (self.act_order or self.static_groups):
             raise UserError("--act-order and --static-groups belong to --method gptq or awq+gptq")
+        if self.format == "gguf" and (self.act_order or self.static_groups):
+            raise UserError("GGUF block fits solve columns in order: --act-order and --static-groups belong to "
+                            "--format gptq or awq")
         if self.float_targets and not self.method.endswith("gptq"):
             raise UserError("--float-targets belongs to --method gptq or awq+gptq")
-        if self.format == "awq" and self.act_order and not self.static_groups:
-            raise UserError("the awq format has no g_idx: with --format awq, --act-order needs --static-groups")
+        act_order, static_groups = self.gptq_order()
+        if self.format == "awq" and act_order and not static_groups:
+            raise UserError("the awq format has no g_idx: with --format awq, --act-order needs static groups")
         if not 0 < self.damp <= 1:
             raise UserError(f"--damp must be in (0, 1], not {self.damp}")
         if self.block_size < 1:
             raise UserError(f"--block-size must be positive, not {self.block_size}")
         check_device(self.device)
+
+    def gptq_order(self) -> tuple[bool, bool]:
+        """(act_order, static_groups) as the GPTQ solver runs. Unset, both are on for the integer grid: on the
+        demo at W3 g128 asym act-order cut KLD from 1.13 to 0.94, and static groups (parameters fitted
+        before the permutation) to 0.81, while keeping g_idx = i // group_size, which kernels read fastest."""
+        grid = self.method.endswith("gptq") and self.format != "gguf"
+        act_order = grid if self.act_order is None else self.act_order
+        return act_order, act_order if self.static_groups is None else self.static_groups
 
     def spec(self) -> QuantSpec:
         # the gptq (v1) layout stores zero - 1, so an asymmetric zero of 0 cannot be written; awq results keep
@@ -121,7 +133,7 @@ def make_solver(config: QuantConfig, spec: QuantSpec, scaling_pairs=(), targets:
     if inner is not None:
         solver = inner
     elif config.method.endswith("gptq"):
-        solver = GPTQSolver(spec, config.block_size, config.damp, config.act_order, config.static_groups,
+        solver = GPTQSolver(spec, config.block_size, config.damp, *config.gptq_order(),
                             float_targets=config.float_targets)
     else:
         solver = RTNSolver(spec)
@@ -223,10 +235,11 @@ def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: boo
         qconfig = awq_config(spec.group_size, spec.sym, method=config.method, skipped=skipped, clip=spec.clip,
                              source=str(model))
     else:
+        act_order, static_groups = config.gptq_order()
         qconfig = gptq_config(spec.bits, spec.group_size, spec.sym,
-                              desc_act=config.act_order and not config.static_groups, method=config.method,
+                              desc_act=act_order and not static_groups, method=config.method,
                               skipped=skipped, clip=spec.clip, source=str(model), damp_percent=config.damp,
-                              static_groups=config.static_groups, block_linears=adapter.linears(),
+                              static_groups=static_groups, block_linears=adapter.linears(),
                               blocks=len(adapter.blocks(float_model)))
     report = {"method": config.method, "linears": solver.report} if solver.report else None
     save_quantized(out, float_model, quantized, source, qconfig, force=force, report=report)

@@ -49,11 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per calibration sample, capped at the model's context (default: 2048)")
     q.add_argument("--seed", type=int, default=0, help="seed for sampling calibration windows (default: 0)")
     gq = q.add_argument_group("GPTQ")
-    gq.add_argument("--act-order", action="store_true",
-                    help="solve columns by decreasing Hessian diagonal (desc_act); usually better quality")
-    gq.add_argument("--static-groups", action="store_true",
-                    help="with --act-order: fit group parameters before permuting, so the checkpoint keeps "
-                         "g_idx = i // group_size (fast kernels)")
+    gq.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                    help="solve columns by decreasing Hessian diagonal; much better quality at no cost "
+                         "(default: on, except for --format gguf)")
+    gq.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None,
+                    help="with act-order: fit group parameters before permuting, so the checkpoint keeps "
+                         "g_idx = i // group_size (fast kernels); --no-static-groups writes a permuted g_idx "
+                         "(desc_act) (default: on with act-order)")
     gq.add_argument("--damp", type=float, default=0.01,
                     help="Hessian damping as a fraction of its mean diagonal; raised automatically when the "
                          "Cholesky factorization fails (default: 0.01)")

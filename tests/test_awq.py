@@ -250,7 +250,7 @@ def test_awq_user_errors(tiny_model_dir, tmp_path, capsys, monkeypatch):
         return lines[0]
 
     assert "4-bit" in one_line_error("--method", "awq", "--bits", 3, "--format", "awq")
-    assert "g_idx" in one_line_error("--method", "gptq", "--act-order", "--format", "awq")
+    assert "g_idx" in one_line_error("--method", "gptq", "--no-static-groups", "--format", "awq")
     from dataclasses import replace
 
     monkeypatch.setitem(ADAPTERS, "llama", replace(ADAPTERS["llama"], scaling_pairs=()))

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from llmquant.cli import main
 from tiny import make_tiny_model, sample_text
@@ -64,6 +65,29 @@ def test_lower_bits_cost_more_quality(tiny_model_dir, tmp_path, text_file, capsy
     assert 0 < kld[8] < kld[2] / 50
 
 
+def test_gptq_defaults_to_act_order_with_static_groups(tiny_model_dir, tmp_path, text_file, capsys):
+    """Act-order with static groups is GPTQ's default: the checkpoint keeps g_idx = i // group_size."""
+    from safetensors import safe_open
+
+    runs = {"default": [], "explicit": ["--act-order", "--static-groups"], "plain": ["--no-act-order"],
+            "permuted": ["--no-static-groups"]}
+    for name, extra in runs.items():
+        code, _, err = run(capsys, "quantize", tiny_model_dir, "--method", "gptq", "--bits", 3, "--group-size", 32,
+                           "--asym", "--calib", text_file, "--n-samples", 8, "--seqlen", 64, *extra,
+                           "--out", tmp_path / name)
+        assert code == 0, err
+    weights = {name: (tmp_path / name / "model.safetensors").read_bytes() for name in runs}
+    assert weights["default"] == weights["explicit"] != weights["plain"]
+    configs = {name: json.loads((tmp_path / name / "config.json").read_text())["quantization_config"]
+               for name in runs}
+    assert configs["default"]["static_groups"] and not configs["default"]["desc_act"]
+    assert configs["permuted"]["desc_act"] and not configs["plain"]["desc_act"]
+    for name, in_order in (("default", True), ("permuted", False)):
+        with safe_open(tmp_path / name / "model.safetensors", "pt") as f:
+            g_idx = f.get_tensor("model.layers.0.mlp.down_proj.g_idx")
+        assert torch.equal(g_idx, torch.arange(len(g_idx), dtype=g_idx.dtype) // 32) == in_order
+
+
 @pytest.fixture(scope="module")
 def broken_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("broken")
@@ -108,6 +132,10 @@ def test_bad_input_gives_one_line_errors(tiny_model_dir, broken_models, tmp_path
         (["quantize", tiny_model_dir, "--n-samples", 0, "--out", out], ["--n-samples"]),
         (["quantize", tiny_model_dir, "--format", "exl2", "--out", out], ["exl2"]),
         (["quantize", tiny_model_dir, "--method", "awq", "--float-targets", "--out", out], ["--float-targets", "gptq"]),
+        (["quantize", tiny_model_dir, "--act-order", "--out", out], ["--act-order", "gptq"]),
+        (["quantize", tiny_model_dir, "--method", "gptq", "--format", "gguf", "--act-order", "--out",
+          tmp_path / "out.gguf"],
+         ["GGUF", "--act-order"]),
         (["quantize", broken_models["truncated"], "--out", out], ["model.safetensors"]),
         # paths that would only fail once the work is done, or would destroy an input
         (["quantize", tiny_model_dir, "--out", not_a_dir / "q"], ["is not a directory"]),
