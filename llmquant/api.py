@@ -49,6 +49,7 @@ class QuantConfig:
     damp: float = 0.01
     block_size: int = 128
     float_targets: bool = False  # fit each linear to the float model's outputs on the float model's inputs
+    refit_scales: bool = True  # after the column updates, the least-squares scales for the codes chosen
     # AWQ
     duo_scaling: bool = True  # candidate scales mean|x|^a / mean|w|^(1-a), not mean|x|^a alone
     # GGUF
@@ -134,7 +135,7 @@ def make_solver(config: QuantConfig, spec: QuantSpec, scaling_pairs=(), targets:
         solver = inner
     elif config.method.endswith("gptq"):
         solver = GPTQSolver(spec, config.block_size, config.damp, *config.gptq_order(),
-                            float_targets=config.float_targets)
+                            float_targets=config.float_targets, refit=config.refit_scales)
     else:
         solver = RTNSolver(spec)
     if config.method.startswith("awq"):

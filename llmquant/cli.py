@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import sys
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fit each linear to the float model's outputs on the float model's inputs, so the error "
                          "earlier layers left is compensated (GPTAQ's asymmetric calibration); much better at 3 "
                          "bits, but a second stream of calibration activations and up to twice the time")
+    gq.add_argument("--refit-scales", action=argparse.BooleanOptionalAction, default=True,
+                    help="after the column updates, refit each row's group scales by least squares on the layer "
+                         "output error for the codes chosen (integer grid only) (default: on)")
     aq = q.add_argument_group("AWQ")
     aq.add_argument("--no-duo-scaling", dest="duo_scaling", action="store_false",
                     help="search scales mean|x|^a alone instead of mean|x|^a / mean|w|^(1-a)")
@@ -137,10 +141,9 @@ def _evaluate(paths, data_text, seqlen, windows, base, device):
 def cmd_quantize(args) -> None:
     from .api import QuantConfig, quantize
 
-    config = QuantConfig(args.method, args.bits, args.group_size, args.sym, args.clip, args.format, args.calib,
-                         args.n_samples, args.seqlen, args.seed, args.device, args.act_order, args.static_groups,
-                         args.damp, args.block_size, args.float_targets, args.duo_scaling, args.gguf_type.upper(),
-                         args.tensor_types)
+    fields = {f.name for f in dataclasses.fields(QuantConfig)}
+    config = QuantConfig(**{name: value for name, value in vars(args).items() if name in fields})
+    config.gguf_type = config.gguf_type.upper()
     config.validate()
     text = _eval_text(args.eval_data) if args.eval else None  # fail before the long work, not after
     if args.calib and config.method == "rtn":

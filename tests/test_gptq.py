@@ -55,6 +55,23 @@ def test_reported_loss_is_the_output_error_on_the_damped_hessian(spec, act_order
                                                                                     .dequantize(), x)
 
 
+@pytest.mark.parametrize("spec", [QuantSpec(3, 32, sym=False, min_zero=1), QuantSpec(2, 16, sym=True)])
+def test_refit_scales_lowers_the_output_error_for_the_same_codes(spec):
+    x = correlated_inputs(2048, 96)
+    weight = torch.randn(40, 96, generator=torch.Generator().manual_seed(4))
+    h = Hessian(96, "cpu", torch.float64)
+    h.add(x)
+    plain = gptq(weight, h.H, spec, act_order=True, static_groups=True)
+    refit = gptq(weight, h.H, spec, act_order=True, static_groups=True, refit=True)
+    assert torch.equal(refit.weight.codes, plain.weight.codes) and torch.equal(refit.weight.zeros, plain.weight.zeros)
+    assert torch.equal(refit.weight.scales, refit.weight.scales.half().float())  # what the layout stores
+    D = weight.double() - refit.weight.dequantize(torch.float64)
+    damped = h.H + 0.01 * torch.diag(h.H).mean() * torch.eye(96, dtype=torch.float64)
+    assert refit.loss == pytest.approx(0.5 * float(torch.trace(D @ damped @ D.T)), rel=1e-6)
+    assert refit.loss < 0.95 * plain.loss
+    assert output_error(weight, refit.weight.dequantize(), x) < output_error(weight, plain.weight.dequantize(), x)
+
+
 def test_act_order_groups_and_static_groups():
     x = correlated_inputs(1024, 64)
     weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(3))

@@ -58,6 +58,25 @@ def test_mse_clip_is_never_worse_than_minmax():
         assert err["mse"].sum() < err["minmax"].sum()
 
 
+def test_mse_clip_weighs_each_columns_error_by_its_importance():
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(16, 80, generator=gen)
+    w[:, ::7] *= 5  # loud columns, whose clipping matters most when they are the important ones
+    importance = torch.rand(80, generator=gen) ** 4
+    spec = QuantSpec(3, 32, sym=False, clip="mse")
+    scales, zeros = fit(w, spec, importance)
+    for group, cols in enumerate((slice(0, 32), slice(32, 64), slice(64, 80))):  # the last group is short
+        s, z = fit_groups(w[:, cols], spec, importance=importance[cols])
+        assert torch.equal(scales[:, group], s) and torch.equal(zeros[:, group], z)
+
+    def weighted_error(s, z):
+        q = quantize(w, s, z, spec).dequantize()
+        return float(((q - w).abs() ** 2.4 * importance).sum())
+
+    assert weighted_error(scales, zeros) < weighted_error(*fit(w, spec))
+    assert all(torch.equal(a, b) for a, b in zip(fit(w, spec, torch.ones(80)), fit(w, spec)))
+
+
 def test_zero_rows_and_constant_rows():
     w = torch.zeros(4, 64)
     w[1] = 0.3

@@ -112,23 +112,58 @@ def float_target(W: torch.Tensor, C: torch.Tensor, U: torch.Tensor) -> torch.Ten
     return W + (W @ C) @ U.T @ U
 
 
+def refit_scales(qw: QuantizedWeight, weight: torch.Tensor, H: torch.Tensor) -> tuple[QuantizedWeight, float]:
+    """(qw with better scales, its loss). For the codes and zeros GPTQ chose, the layer-output error
+    tr((W - Q) H (W - Q)^T) / 2 is quadratic in each row's group scales: solve that small least-squares
+    problem per row. A row keeps its scales unless the solution, rounded to float16, lowers its error."""
+    g = qw.g_idx.long()
+    rows, groups = qw.scales.shape
+    W = weight.to(H.dtype)
+    base = qw.codes.to(H.dtype) - qw.zeros[:, g].to(H.dtype)  # Q = base * scales[:, g]
+    A = torch.zeros(rows, groups, groups, dtype=H.dtype, device=H.device)
+    b = torch.zeros(rows, groups, dtype=H.dtype, device=H.device)
+    for a in range(groups):
+        cols = torch.nonzero(g == a).flatten()
+        Y = base[:, cols] @ H[cols]  # [rows, in]: this group's part of Q H, per unit scale
+        A[:, a].index_add_(1, g, Y * base)
+        b[:, a] = (Y * W).sum(1)
+    const = ((W @ H) * W).sum(1)
+    empty = torch.diagonal(A, dim1=1, dim2=2) == 0  # a group whose codes are all at the zero point
+    old = qw.scales.to(H.dtype)
+    torch.diagonal(A, dim1=1, dim2=2)[empty] = 1
+    b[empty] = old[empty]
+    new = torch.linalg.solve(A, b).to(torch.float16).to(H.dtype)  # the layout stores float16 scales
+
+    def error(s):
+        return const - 2 * (b * s).sum(1) + (s[:, None, :] @ A @ s[:, :, None]).flatten()
+
+    new = torch.where(torch.isfinite(new) & (new > 0), new, old)  # for an empty group both errors agree
+    better = (error(new) < error(old))[:, None]
+    scales = torch.where(better, new, old)
+    refit = QuantizedWeight(qw.codes, scales.float(), qw.zeros, qw.g_idx, qw.bits, qw.group_size, qw.sym)
+    return refit, float(error(scales).sum()) / 2
+
+
 def gptq(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int = 128, damp: float = 0.01,
          max_damp: float = 1.0, act_order: bool = False, static_groups: bool = False,
-         C: torch.Tensor | None = None) -> GPTQResult:
+         C: torch.Tensor | None = None, refit: bool = False) -> GPTQResult:
     """Quantize weight [out, in] given the Hessian [in, in] of its inputs (and C: see float_target).
 
     act_order solves columns by decreasing H diagonal. Groups are then consecutive in solve order
     (g_idx is permuted) unless static_groups, which fits every group's parameters on the original
-    columns before solving, so the checkpoint keeps g_idx = i // group_size.
+    columns before solving, so the checkpoint keeps g_idx = i // group_size. refit: see refit_scales.
     """
     W, H, factor = prepare(weight, H, C, damp, max_damp)
+    target, H_target = (W.clone(), H) if refit else (None, None)  # original column order
     rows, cols = W.shape
     g = spec.width(cols)
+    importance = torch.diag(H).float()  # the clip search weighs each column's error as GPTQ's loss does
     if spec.group_size == -1 or static_groups:
-        scales, zeros = fit(W.float(), spec)  # [rows, groups] on the original column order
+        scales, zeros = fit(W.float(), spec, importance)  # [rows, groups] on the original column order
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
     if perm is not None:
         W, H, factor = W[:, perm], H[perm][:, perm], None  # the permuted H needs its own factor
+        importance = importance[perm]
     U, used_damp = factor or _inverse_cholesky(H, damp, max_damp)
     if spec.group_size != -1:
         block_size = max(g, block_size // g * g)  # groups never straddle a block: fit on updated weights
@@ -149,7 +184,8 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int
             for i in range(i2 - i1):
                 c = i1 + i
                 if spec.group_size != -1 and not static_groups and c % g == 0:
-                    scale, zero = (t.to(W1.dtype) for t in fit_groups(W1[:, i:i + g].float(), spec))
+                    scale, zero = (t.to(W1.dtype) for t in fit_groups(W1[:, i:i + g].float(), spec,
+                                                                        importance=importance[c:c + g]))
                     fitted_s.append(scale)
                     fitted_z.append(zero)
                 elif spec.group_size == -1 or static_groups:
@@ -176,7 +212,11 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int
     else:
         g_idx[:] = solve_group.to(torch.int32)
     qw = QuantizedWeight(codes, scales.float(), zeros.to(torch.int32), g_idx, spec.bits, spec.group_size, spec.sym)
-    return GPTQResult(qw, float(losses.sum()), used_damp)
+    loss = float(losses.sum())
+    if refit:  # on the damped H: the objective the column updates minimised
+        eye = torch.eye(cols, device=W.device, dtype=H.dtype)
+        qw, loss = refit_scales(qw, target, H_target + used_damp * torch.mean(torch.diag(H_target)) * eye)
+    return GPTQResult(qw, loss, used_damp)
 
 
 class GPTQSolver:
@@ -185,10 +225,10 @@ class GPTQSolver:
     calibrated = True
 
     def __init__(self, spec: QuantSpec, block_size: int = 128, damp: float = 0.01, act_order: bool = False,
-                 static_groups: bool = False, float_targets: bool = False):
+                 static_groups: bool = False, float_targets: bool = False, refit: bool = False):
         self.spec, self.block_size, self.damp = spec, block_size, damp
         self.act_order, self.static_groups = act_order, static_groups
-        self.float_targets = float_targets
+        self.float_targets, self.refit = float_targets, refit
         self.report: dict[str, dict] = {}
 
     def observer(self, names, linears) -> Hessian:
@@ -201,7 +241,8 @@ class GPTQSolver:
         if reason is None:
             try:
                 result = gptq(linear.weight, observer.H, self.spec, self.block_size, self.damp,
-                              act_order=self.act_order, static_groups=self.static_groups, C=observer.C)
+                              act_order=self.act_order, static_groups=self.static_groups, C=observer.C,
+                              refit=self.refit)
                 qw = result.weight
                 entry.update(loss=result.loss, damp=result.damp)
             except HessianNotPositiveDefinite as err:

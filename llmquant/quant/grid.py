@@ -121,11 +121,12 @@ def round_to_grid(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq
 
 
 def fit_groups(x: torch.Tensor, spec: QuantSpec, mse_grid: int = 100, max_shrink: float = 0.8,
-               norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
+               norm: float = 2.4, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero for each row of x [..., n], fitted over the last dimension.
 
     With clip="mse", the range is shrunk by factors 1, 0.99, ... (down to 1 - max_shrink) and the
-    factor with the lowest |error|^norm is kept per row, as the GPTQ reference does.
+    factor with the lowest |error|^norm is kept per row, as the GPTQ reference does; `importance`
+    (broadcast against x, e.g. the Hessian diagonal) weights each column's error.
     """
     x = x.float()
     xmin, xmax = x.amin(-1), x.amax(-1)
@@ -137,7 +138,8 @@ def fit_groups(x: torch.Tensor, spec: QuantSpec, mse_grid: int = 100, max_shrink
         p = 1 - i / mse_grid
         s, z = fit_range(p * xmin, p * xmax, spec)
         q = round_to_grid(x, s[..., None], z[..., None], spec.maxq)
-        err = ((q - z[..., None]) * s[..., None] - x).abs_().pow_(norm).sum(-1)
+        err = ((q - z[..., None]) * s[..., None] - x).abs_().pow_(norm)
+        err = (err if importance is None else err * importance).sum(-1)
         better = err < best
         best = torch.where(better, err, best)
         scale = torch.where(better, s, scale)
@@ -145,16 +147,19 @@ def fit_groups(x: torch.Tensor, spec: QuantSpec, mse_grid: int = 100, max_shrink
     return scale, zero
 
 
-def fit(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-(row, group) scale and zero for a weight [out, in]; the last group may be shorter."""
+def fit(weight: torch.Tensor, spec: QuantSpec,
+        importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(row, group) scale and zero for a weight [out, in]; the last group may be shorter.
+    importance [in]: weights each column's error in the clip search (see fit_groups)."""
     out_features, in_features = weight.shape
     width = spec.width(in_features)
     full = in_features // width * width
     parts = []
     if full:
-        parts.append(fit_groups(weight[:, :full].reshape(out_features, -1, width), spec))
+        grouped = None if importance is None else importance[:full].reshape(-1, width)
+        parts.append(fit_groups(weight[:, :full].reshape(out_features, -1, width), spec, importance=grouped))
     if full < in_features:
-        s, z = fit_groups(weight[:, full:], spec)
+        s, z = fit_groups(weight[:, full:], spec, importance=None if importance is None else importance[full:])
         parts.append((s[:, None], z[:, None]))
     return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
 
