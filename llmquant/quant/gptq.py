@@ -71,14 +71,17 @@ class HessianNotPositiveDefinite(Exception):
     pass
 
 
+def damped(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """H + damp * mean(diag H) * I: the Hessian GPTQ actually solves with."""
+    return H + damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+
+
 def _inverse_cholesky(H: torch.Tensor, damp: float, max_damp: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of H^-1 after damping; the damping grows tenfold until it factors.
     One thread on the CPU: at layer widths LAPACK's threaded cholesky_inverse is many times slower."""
-    mean_diag = torch.mean(torch.diag(H))
-    eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
     with _one_thread(H.device.type == "cpu"):
         while damp <= max_damp:
-            L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+            L, info = torch.linalg.cholesky_ex(damped(H, damp))
             if info == 0:
                 Hinv = torch.cholesky_inverse(L)
                 U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
@@ -214,8 +217,7 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int
     qw = QuantizedWeight(codes, scales.float(), zeros.to(torch.int32), g_idx, spec.bits, spec.group_size, spec.sym)
     loss = float(losses.sum())
     if refit:  # on the damped H: the objective the column updates minimised
-        eye = torch.eye(cols, device=W.device, dtype=H.dtype)
-        qw, loss = refit_scales(qw, target, H_target + used_damp * torch.mean(torch.diag(H_target)) * eye)
+        qw, loss = refit_scales(qw, target, damped(H_target, used_damp))
     return GPTQResult(qw, loss, used_damp)
 
 
