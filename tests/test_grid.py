@@ -77,6 +77,25 @@ def test_mse_clip_weighs_each_columns_error_by_its_importance():
     assert all(torch.equal(a, b) for a, b in zip(fit(w, spec, torch.ones(80)), fit(w, spec)))
 
 
+@pytest.mark.parametrize("bits,sym", [(2, False), (3, True), (3, False), (4, True)])
+def test_mse_clip_search_matches_a_flat_grid(bits, sym):
+    """The coarse-then-fine search loses almost nothing against trying every shrink 1, 0.99, ..., 0.2."""
+    gen = torch.Generator().manual_seed(bits)
+    w = torch.randn(64, 4, 128, generator=gen) * torch.rand(64, 4, 1, generator=gen)
+    w[:, :, 3] *= 6  # outliers, so that shrinking pays
+    importance = torch.rand(4, 128, generator=gen) + 0.05
+    spec = QuantSpec(bits, 128, sym, "mse", min_zero=0 if sym else 1)
+
+    def error(s, z):
+        q = (torch.clamp(torch.round(w / s[..., None]) + z[..., None], 0, spec.maxq) - z[..., None]) * s[..., None]
+        return ((q - w).abs() ** 2.4 * importance).sum(-1)
+
+    flat = torch.stack([error(*fit_groups(w * p, QuantSpec(bits, 128, sym, min_zero=spec.min_zero)))
+                        for p in torch.arange(100, 19, -1) / 100]).amin(0)
+    searched = error(*fit_groups(w, spec, importance=importance))
+    assert float(searched.sum()) <= 1.001 * float(flat.sum())  # the coarse steps alone: up to 1.006
+
+
 def test_zero_rows_and_constant_rows():
     w = torch.zeros(4, 64)
     w[1] = 0.3
