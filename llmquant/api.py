@@ -52,6 +52,7 @@ class QuantConfig:
     refit_scales: bool = True  # after the column updates, the least-squares scales for the codes chosen
     # AWQ
     duo_scaling: bool = True  # candidate scales mean|x|^a / mean|w|^(1-a), not mean|x|^a alone
+    awq_clip: bool = True  # search a clip per group after the scales (for the RTN that follows)
     # GGUF
     gguf_type: str = "Q4_K_M"  # llama.cpp mix name
     tensor_types: list[str] = field(default_factory=list)  # PATTERN=TYPE overrides
@@ -86,6 +87,8 @@ class QuantConfig:
                             "--format gptq or awq")
         if self.float_targets and not self.method.endswith("gptq"):
             raise UserError("--float-targets belongs to --method gptq or awq+gptq")
+        if not self.awq_clip and not self.method.startswith("awq"):
+            raise UserError("--no-awq-clip belongs to --method awq or awq+gptq")
         act_order, static_groups = self.gptq_order()
         if self.format == "awq" and act_order and not static_groups:
             raise UserError("the awq format has no g_idx: with --format awq, --act-order needs static groups")
@@ -139,7 +142,8 @@ def make_solver(config: QuantConfig, spec: QuantSpec, scaling_pairs=(), targets:
     else:
         solver = RTNSolver(spec)
     if config.method.startswith("awq"):
-        solver = AWQSolver(solver, spec, scaling_pairs, targets, duo_scaling=config.duo_scaling)
+        solver = AWQSolver(solver, spec, scaling_pairs, targets, duo_scaling=config.duo_scaling,
+                           clip=config.awq_clip)
     return solver
 
 
