@@ -36,7 +36,7 @@ class QuantConfig:
     bits: int = 4
     group_size: int = 128
     sym: bool = True
-    clip: str = "minmax"
+    clip: str | None = None  # None: the method's default, see clip_mode
     format: str = "gptq"
     calib: str | None = None  # rtn needs none
     n_samples: int = 128
@@ -78,7 +78,7 @@ class QuantConfig:
             raise UserError(f"--n-samples must be between 1 and 4096, not {self.n_samples}")
         if self.seqlen < 1:
             raise UserError(f"--seqlen must be positive, not {self.seqlen}")
-        if self.clip not in ("minmax", "mse"):
+        if self.clip not in (None, "minmax", "mse"):
             raise UserError(f"--clip must be minmax or mse, not {self.clip}")
         if self.method not in ("gptq", "awq+gptq") and (self.act_order or self.static_groups):
             raise UserError("--act-order and --static-groups belong to --method gptq or awq+gptq")
@@ -106,10 +106,17 @@ class QuantConfig:
         act_order = grid if self.act_order is None else self.act_order
         return act_order, act_order if self.static_groups is None else self.static_groups
 
+    def clip_mode(self) -> str:
+        """--clip as the grid runs. Unset, mse for --method gptq: on the demo the range search weighted by the
+        Hessian diagonal cut KLD by 31-54% at W4/W3 g128 (sym and asym) and W2 g64, and adds ~10 s to a ~4 min run."""
+        if self.clip is not None:
+            return self.clip
+        return "mse" if self.method == "gptq" and self.format != "gguf" else "minmax"
+
     def spec(self) -> QuantSpec:
         # the gptq (v1) layout stores zero - 1, so an asymmetric zero of 0 cannot be written; awq results keep
         # the same grid, so they load into the same (gptq-layout) QuantLinear
-        return QuantSpec(self.bits, self.group_size, self.sym, self.clip, min_zero=0 if self.sym else 1)
+        return QuantSpec(self.bits, self.group_size, self.sym, self.clip_mode(), min_zero=0 if self.sym else 1)
 
 
 @dataclass

@@ -65,12 +65,13 @@ def test_lower_bits_cost_more_quality(tiny_model_dir, tmp_path, text_file, capsy
     assert 0 < kld[8] < kld[2] / 50
 
 
-def test_gptq_defaults_to_act_order_with_static_groups(tiny_model_dir, tmp_path, text_file, capsys):
-    """Act-order with static groups is GPTQ's default: the checkpoint keeps g_idx = i // group_size."""
+def test_gptq_defaults_to_act_order_static_groups_and_mse_clip(tiny_model_dir, tmp_path, text_file, capsys):
+    """Act-order with static groups and the mse range search are GPTQ's defaults: the checkpoint keeps
+    g_idx = i // group_size."""
     from safetensors import safe_open
 
-    runs = {"default": [], "explicit": ["--act-order", "--static-groups"], "plain": ["--no-act-order"],
-            "permuted": ["--no-static-groups"]}
+    runs = {"default": [], "explicit": ["--act-order", "--static-groups", "--clip", "mse"],
+            "plain": ["--no-act-order"], "permuted": ["--no-static-groups"], "minmax": ["--clip", "minmax"]}
     for name, extra in runs.items():
         code, _, err = run(capsys, "quantize", tiny_model_dir, "--method", "gptq", "--bits", 3, "--group-size", 32,
                            "--asym", "--calib", text_file, "--n-samples", 8, "--seqlen", 64, *extra,
@@ -78,9 +79,11 @@ def test_gptq_defaults_to_act_order_with_static_groups(tiny_model_dir, tmp_path,
         assert code == 0, err
     weights = {name: (tmp_path / name / "model.safetensors").read_bytes() for name in runs}
     assert weights["default"] == weights["explicit"] != weights["plain"]
+    assert weights["minmax"] != weights["default"]
     configs = {name: json.loads((tmp_path / name / "config.json").read_text())["quantization_config"]
                for name in runs}
     assert configs["default"]["static_groups"] and not configs["default"]["desc_act"]
+    assert configs["default"]["meta"]["clip"] == "mse" and configs["minmax"]["meta"]["clip"] == "minmax"
     assert configs["permuted"]["desc_act"] and not configs["plain"]["desc_act"]
     for name, in_order in (("default", True), ("permuted", False)):
         with safe_open(tmp_path / name / "model.safetensors", "pt") as f:
