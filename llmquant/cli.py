@@ -73,9 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     aq = q.add_argument_group("AWQ")
     aq.add_argument("--no-duo-scaling", dest="duo_scaling", action="store_false",
                     help="search scales mean|x|^a alone instead of mean|x|^a / mean|w|^(1-a)")
-    aq.add_argument("--awq-clip", action=argparse.BooleanOptionalAction, default=True,
+    aq.add_argument("--awq-clip", action=argparse.BooleanOptionalAction, default=None,
                     help="after the scales, clip each group's weights to the range with the least output error "
-                         "(default: on)")
+                         "(default: on for awq; off for awq+gptq, where GPTQ searches the ranges itself)")
     gg = q.add_argument_group("GGUF")
     gg.add_argument("--gguf-type", default="Q4_K_M",
                     help="llama.cpp mix: Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_0, Q4_1, Q4_K_S, Q4_K_M, Q5_0, Q5_1, "
