@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid: better at 2-3 bits")
     q.add_argument("--clip", default=None,
                    help="minmax: each group's full range | mse: the shrunk range with the least (Hessian-weighted) "
-                        "rounding error (default: mse for --method gptq, minmax otherwise)")
+                        "rounding error (default: mse for gptq and awq+gptq, minmax otherwise)")
     q.add_argument("--calib", default=None,
                    help="calibration text for calibrated methods: a .txt/.jsonl/.parquet file, a dataset recipe "
                         "(wikitext2, c4, pileval; needs the Hub), or 'self' (the model writes its own)")

@@ -134,7 +134,7 @@ def fit_groups(x: torch.Tensor, spec: QuantSpec, max_shrink: float = 0.8, norm: 
     scale, zero = fit_range(xmin, xmax, spec)
     if spec.clip == "minmax":
         return scale, zero
-    weight = torch.ones(x.shape[-1]) if importance is None else importance.float()
+    weight = torch.ones(x.shape[-1], device=x.device) if importance is None else importance.float()
     best, best_p = _clip_error(x, scale, zero, spec, weight, norm), torch.ones_like(scale)
     centre = best_p
     for step, offsets in ((0.05, range(1, round(max_shrink / 0.05) + 1)), (0.01, (-4, -3, -2, -1, 1, 2, 3, 4))):
