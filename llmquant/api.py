@@ -102,8 +102,7 @@ class QuantConfig:
         """(act_order, static_groups) as the GPTQ solver runs. Unset, both are on for the integer grid: on the
         demo at W3 g128 asym act-order cut KLD from 1.13 to 0.94, and static groups (parameters fitted
         before the permutation) to 0.81, while keeping g_idx = i // group_size, which kernels read fastest."""
-        grid = self.method.endswith("gptq") and self.format != "gguf"
-        act_order = grid if self.act_order is None else self.act_order
+        act_order = self._gptq_on_grid() if self.act_order is None else self.act_order
         return act_order, act_order if self.static_groups is None else self.static_groups
 
     def clip_mode(self) -> str:
@@ -111,7 +110,11 @@ class QuantConfig:
         diagonal cut KLD by 31-54% at W4/W3 g128 (sym and asym) and W2 g64, and adds ~10 s to a ~4 min run."""
         if self.clip is not None:
             return self.clip
-        return "mse" if self.method.endswith("gptq") and self.format != "gguf" else "minmax"
+        return "mse" if self._gptq_on_grid() else "minmax"
+
+    def _gptq_on_grid(self) -> bool:
+        """GPTQ (or AWQ+GPTQ) rounding onto the integer grid, not onto GGUF blocks."""
+        return self.method.endswith("gptq") and self.format != "gguf"
 
     def awq_clip_mode(self) -> bool:
         """--awq-clip as AWQ runs. Unset, on for awq (its RTN keeps each group's full range) and off for

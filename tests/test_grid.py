@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from llmquant.quant.grid import QuantSpec, default_g_idx, fit, fit_groups, quantize
+from llmquant.quant.grid import QuantSpec, default_g_idx, fit, fit_groups, quantize, round_to_grid
 from llmquant.quant.rtn import rtn
 
 
@@ -87,7 +87,7 @@ def test_mse_clip_search_matches_a_flat_grid(bits, sym):
     spec = QuantSpec(bits, 128, sym, "mse", min_zero=0 if sym else 1)
 
     def error(s, z):
-        q = (torch.clamp(torch.round(w / s[..., None]) + z[..., None], 0, spec.maxq) - z[..., None]) * s[..., None]
+        q = (round_to_grid(w, s[..., None], z[..., None], spec.maxq) - z[..., None]) * s[..., None]
         return ((q - w).abs() ** 2.4 * importance).sum(-1)
 
     flat = torch.stack([error(*fit_groups(w * p, QuantSpec(bits, 128, sym, min_zero=spec.min_zero)))
