@@ -23,6 +23,7 @@ from llmquant.quant.awq import (
     search_clip,
     search_scale,
 )
+from llmquant.quant.gptq import GPTQSolver, gptq
 from llmquant.quant.grid import QuantizedWeight, QuantSpec, default_g_idx
 from llmquant.quant.rtn import RTNSolver, rtn
 from llmquant.runner import capture_inputs
@@ -109,6 +110,41 @@ def test_scale_search_beats_plain_rounding_on_the_real_outputs(spec, duo):
         assert best["alpha"] is not None and best["error"] < 0.9 * best["error_identity"]
     if best["alpha"] is not None:
         assert torch.all(s > 0) and float(s.max() * s.min()) == pytest.approx(1, rel=1e-4)
+
+
+@pytest.mark.parametrize("spec", SPECS[:4], ids=str)
+def test_gptq_judge_picks_the_scales_gptq_rounds_best(spec):
+    # judged by GPTQ's own loss, the chosen scales leave GPTQ less output error than the RTN-judged ones,
+    # and the error reported is what the folded, GPTQ-rounded linear really leaves
+    x = outlier_inputs(512, 72, seed=2)
+    w = torch.randn(48, 72) * 0.1
+    gram = x.T @ x / x.shape[0]
+    gptq_solver = GPTQSolver(spec, act_order=True, static_groups=True, refit=True)
+    awq = AWQSolver(gptq_solver, spec, [("norm", ("linear",))], inner_judge=True, judge_rows=16)
+    by_gptq = search_scale(w, gram, x.abs().mean(0), spec, error=awq.error)
+    by_rtn = search_scale(w, gram, x.abs().mean(0), spec)
+    assert by_gptq["error"] <= min(by_gptq["error_identity"], awq.error(w, by_rtn["scales"], gram))
+    s, rows = by_gptq["scales"], w[::3]  # judge_rows=16 of 48: every third row
+    folded = gptq(rows * s, 2 * gram / (s[:, None] * s[None, :]), spec, act_order=True, static_groups=True,
+                  refit=True).weight.dequantize() / s
+    measured = float((x @ (folded - rows).T).pow(2).sum(1).mean())
+    assert by_gptq["error"] == pytest.approx(measured, rel=0.05)  # the loss is on the damped Hessian
+
+
+def test_scale_scan_stops_once_past_the_minimum():
+    seen = []
+
+    def error(weight, s, gram):  # unimodal in alpha with its minimum at alpha = 0.3; identity scores 1
+        alpha = (len(seen) - 1) / 20
+        seen.append(alpha)
+        return 1.0 if alpha < 0 else 0.5 + (alpha - 0.3) ** 2
+
+    x_mean = torch.rand(16) + 0.5
+    best = search_scale(torch.randn(8, 16), torch.eye(16), x_mean, SPECS[1], error=error, patience=2)
+    assert best["alpha"] == 0.3 and seen[-1] == 0.4  # 0.35 and 0.4 rose: no candidate past them
+    seen.clear()
+    assert search_scale(torch.randn(8, 16), torch.eye(16), x_mean, SPECS[1], error=error)["alpha"] == 0.3
+    assert len(seen) == 21  # without patience: identity and the whole grid
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)

@@ -137,6 +137,8 @@ def test_bad_input_gives_one_line_errors(tiny_model_dir, broken_models, tmp_path
         (["quantize", tiny_model_dir, "--method", "awq", "--float-targets", "--out", out], ["--float-targets", "gptq"]),
         (["quantize", tiny_model_dir, "--act-order", "--out", out], ["--act-order", "gptq"]),
         (["quantize", tiny_model_dir, "--method", "gptq", "--no-awq-clip", "--out", out], ["--no-awq-clip", "awq"]),
+        (["quantize", tiny_model_dir, "--method", "awq", "--awq-search", "gptq", "--out", out],
+         ["--awq-search gptq", "awq+gptq"]),
         (["quantize", tiny_model_dir, "--method", "gptq", "--format", "gguf", "--act-order", "--out",
           tmp_path / "out.gguf"],
          ["GGUF", "--act-order"]),

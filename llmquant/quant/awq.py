@@ -5,7 +5,9 @@ Input channels that carry large activations matter most, so before rounding each
 output is divided by s: the float block computes the same function, but the salient columns now
 sit on a finer part of the grid. s = mean|x|^alpha (optionally / weight-magnitude^(1 - alpha)),
 with alpha searched on a grid. Then each group's weight range is shrunk where that lowers the
-output error, and an inner solver (RTN or GPTQ) quantizes the transformed block.
+output error, and an inner solver (RTN or GPTQ) quantizes the transformed block. A candidate s is
+judged by the error min-max RTN would leave, as in AWQ, or by the error the inner GPTQ itself leaves:
+GPTQ corrects much of what scaling is for, so RTN's judge over-scales for it.
 
 Every output error here is E||(W - Q(W)) x||^2 = tr(D G D^T) with G = E[x x^T], the Gram matrix of
 the calibration inputs: exact for the tokens G was built from, and costs in^2 per row instead of
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -92,22 +95,42 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha: f
     return torch.where(torch.isfinite(s), s, torch.ones_like(s))
 
 
+# E||(W - W_q) x||^2 after rounding weight W [out, in] scaled by s [in], for inputs with Gram matrix gram
+ScaledError = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], float]
+
+
+def rtn_error(spec: QuantSpec) -> ScaledError:
+    """AWQ's judge: min-max RTN of W diag(s), folded back, W_q = Q(W diag(s)) diag(1/s)."""
+    def error(weight, s, gram):
+        with _one_thread(weight.device.type == "cpu"):  # small ops: thread start-up costs more than it saves
+            return output_error(weight, fake_quantize(weight * s, spec) / s, gram)
+    return error
+
+
 def search_scale(weight: torch.Tensor, gram: torch.Tensor, x_mean: torch.Tensor, spec: QuantSpec,
-                 n_grid: int = 20, duo_scaling: bool = True) -> dict:
-    """The s minimising the output error of the rows of `weight` (a group's linears, concatenated)
-    after Q(W diag(s)) diag(1/s). No scaling (s = 1) is always a candidate, so the result is never
-    worse than plain rounding on these inputs."""
+                 n_grid: int = 20, duo_scaling: bool = True, error: ScaledError | None = None,
+                 patience: int | None = None) -> dict:
+    """The s minimising the output error of the rows of `weight` (a group's linears, concatenated) under
+    `error` (default rtn_error). No scaling (s = 1) is always a candidate, so the result is never worse
+    than plain rounding on these inputs. alpha = 0, 1/n_grid, ... is scanned upwards; with `patience`, the
+    scan stops once the error has risen `patience` times in a row (it is past the minimum: the error is
+    unimodal in alpha in practice), which matters when each candidate costs a GPTQ solve."""
     weight = weight.float()
+    error = error or rtn_error(spec)
     w_mean = weight_magnitude(weight, spec.group_size) if duo_scaling else None
-    identity = output_error(weight, fake_quantize(weight, spec), gram)
+    identity = error(weight, torch.ones_like(x_mean), gram)
     best = {"alpha": None, "scales": torch.ones_like(x_mean), "error": identity, "error_identity": identity}
-    with _one_thread(weight.device.type == "cpu"):
-        for i in range(n_grid):
-            alpha = i / n_grid
-            s = candidate_scales(x_mean, w_mean, alpha)
-            error = output_error(weight, fake_quantize(weight * s, spec) / s, gram)
-            if error < best["error"]:
-                best.update(alpha=alpha, scales=s, error=error)
+    previous, rises = math.inf, 0
+    for i in range(n_grid):
+        alpha = i / n_grid
+        s = candidate_scales(x_mean, w_mean, alpha)
+        candidate = error(weight, s, gram)
+        if candidate < best["error"]:
+            best.update(alpha=alpha, scales=s, error=candidate)
+        rises = rises + 1 if candidate > previous else 0
+        previous = candidate
+        if patience is not None and rises >= patience:
+            break
     return best
 
 
@@ -184,19 +207,31 @@ def fold_scales(block: nn.Module, previous: str, linears: list[str], scales: tor
 
 class AWQSolver:
     """The runner's AWQ solver: `prepare_block` searches and folds the scales and clips the weights of
-    each block; `inner` (RTNSolver or GPTQSolver) then quantizes the transformed block."""
+    each block; `inner` (RTNSolver or GPTQSolver) then quantizes the transformed block.
+
+    inner_judge: judge the scale candidates by inner.output_error (GPTQ's own loss) on at most
+    `judge_rows` of the group's rows (rows are independent, and every candidate sees the same ones),
+    scanning alpha only until the error has risen twice: a GPTQ solve per candidate."""
 
     calibrated = True
 
     def __init__(self, inner, spec: QuantSpec, scaling_pairs, targets: set[str] | None = None,
-                 n_grid: int = 20, duo_scaling: bool = True, clip: bool = True, max_tokens: int = 64 * 512):
+                 n_grid: int = 20, duo_scaling: bool = True, clip: bool = True, max_tokens: int = 64 * 512,
+                 inner_judge: bool = False, judge_rows: int = 1024):
         if not scaling_pairs:
             raise ValueError("AWQ needs the architecture's scaling pairs (previous op -> linears)")
         self.inner, self.spec, self.pairs, self.targets = inner, spec, scaling_pairs, targets
         self.float_targets = getattr(inner, "float_targets", False)
         self.n_grid, self.duo_scaling, self.clip, self.max_tokens = n_grid, duo_scaling, clip, max_tokens
+        self.error, self.patience = (self._inner_error, 2) if inner_judge else (rtn_error(spec), None)
+        self.judge_rows = judge_rows
         self.report: dict[str, dict] = {}
         self._search: dict[str, dict] = {}  # per linear, until quantize merges it into report
+
+    def _inner_error(self, weight: torch.Tensor, s: torch.Tensor, gram: torch.Tensor) -> float:
+        """The inner solver's error on W diag(s), whose inputs x / s have Gram matrix gram / (s s^T)."""
+        rows = weight[::math.ceil(weight.shape[0] / self.judge_rows)]
+        return self.inner.output_error(rows * s, gram / (s[:, None] * s[None, :]))
 
     def _quantized(self, full_name: str) -> bool:
         return self.targets is None or full_name in self.targets
@@ -225,7 +260,8 @@ class AWQSolver:
             entry = {"awq_pair": previous, "awq_tokens": st.tokens}
             if can_fold(block.get_submodule(previous), gram.shape[0]):
                 weight = torch.cat([block.get_submodule(n).weight for n in quantized])
-                best = search_scale(weight, gram, st.mean_abs, self.spec, self.n_grid, self.duo_scaling)
+                best = search_scale(weight, gram, st.mean_abs, self.spec, self.n_grid, self.duo_scaling,
+                                    self.error, self.patience)
                 fold_scales(block, previous, list(names), best["scales"])
                 chosen[previous] = (best["scales"], gram)
                 entry.update(awq_scaled=True, awq_alpha=best["alpha"], awq_error=best["error"],

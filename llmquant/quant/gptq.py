@@ -236,6 +236,15 @@ class GPTQSolver:
     def observer(self, names, linears) -> Hessian:
         return Hessian(linears[0].in_features, linears[0].weight.device, cross=self.float_targets)
 
+    def output_error(self, weight: torch.Tensor, gram: torch.Tensor) -> float:
+        """E||(W - Q) x||^2 this solver's Q leaves for inputs with Gram matrix `gram` = E[x x^T] (GPTQ's loss on
+        H = 2 gram); infinite where GPTQ cannot run. How AWQ judges scales for GPTQ (see AWQSolver)."""
+        try:
+            return gptq(weight, 2 * gram, self.spec, self.block_size, self.damp, act_order=self.act_order,
+                        static_groups=self.static_groups, refit=self.refit).loss
+        except HessianNotPositiveDefinite:
+            return math.inf
+
     def quantize(self, name: str, linear, observer: Hessian) -> QuantizedWeight:
         start = time.perf_counter()
         entry: dict = {"tokens": observer.n}
