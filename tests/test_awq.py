@@ -263,7 +263,8 @@ def test_awq_checkpoint_loads_and_matches_its_gptq_twin(tiny_model_dir, calib_fi
 
 
 def test_awq_clips_before_rtn_and_leaves_the_ranges_to_gptq(tiny_model_dir, calib_file, tmp_path):
-    """By default AWQ clips each group for its RTN, and awq+gptq leaves the ranges to GPTQ's own search."""
+    """By default AWQ clips each group for its RTN, and awq+gptq leaves the ranges to GPTQ's own search and
+    judges the scales by GPTQ's error."""
     common = dict(bits=3, group_size=32, sym=False, calib=str(calib_file), n_samples=8, seqlen=64)
     clipped = {}
     for method, awq_clip in (("awq", None), ("awq+gptq", None), ("awq+gptq", True)):
@@ -271,6 +272,8 @@ def test_awq_clips_before_rtn_and_leaves_the_ranges_to_gptq(tiny_model_dir, cali
         quantize(tiny_model_dir, QuantConfig(method=method, awq_clip=awq_clip, **common), out, progress=False)
         report = json.loads((out / "quant_report.json").read_text())["linears"]
         assert all(entry["awq_pair"] for entry in report.values())  # the scales are searched either way
+        # awq+gptq judges them by GPTQ's own error
+        assert {entry["awq_judge"] for entry in report.values()} == {"inner" if method == "awq+gptq" else "rtn"}
         clipped[method, awq_clip] = [name for name, entry in report.items() if "awq_clip_mean" in entry]
         meta = json.loads((out / "config.json").read_text())["quantization_config"]["meta"]
         assert meta["clip"] == ("mse" if method == "awq+gptq" else "minmax")

@@ -224,7 +224,7 @@ class AWQSolver:
         self.float_targets = getattr(inner, "float_targets", False)
         self.n_grid, self.duo_scaling, self.clip, self.max_tokens = n_grid, duo_scaling, clip, max_tokens
         self.error, self.patience = (self._inner_error, 2) if inner_judge else (rtn_error(spec), None)
-        self.judge_rows = judge_rows
+        self.judge, self.judge_rows = "inner" if inner_judge else "rtn", judge_rows
         self.report: dict[str, dict] = {}
         self._search: dict[str, dict] = {}  # per linear, until quantize merges it into report
 
@@ -257,7 +257,7 @@ class AWQSolver:
                 continue
             st = stats[previous]
             gram = st.gram
-            entry = {"awq_pair": previous, "awq_tokens": st.tokens}
+            entry = {"awq_pair": previous, "awq_tokens": st.tokens, "awq_judge": self.judge}
             if can_fold(block.get_submodule(previous), gram.shape[0]):
                 weight = torch.cat([block.get_submodule(n).weight for n in quantized])
                 best = search_scale(weight, gram, st.mean_abs, self.spec, self.n_grid, self.duo_scaling,
