@@ -24,5 +24,7 @@ def available() -> bool:
 
 def __getattr__(name: str):
     if name in ("gptq_matmul", "groups_are_contiguous"):
-        return getattr(importlib.import_module(".gptq", __name__), name)
+        value = getattr(importlib.import_module(".gptq", __name__), name)
+        globals()[name] = value  # later lookups skip this hook: it sits on every QuantLinear call
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -241,6 +241,16 @@ def _gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, y_ptr, w
 # Launch configurations. Each regime tunes once per (M bucket, N, K, bits, group mode, dtype);
 # under the interpreter there is a single small config per regime.
 
+def _cdiv(a: int, b: int) -> int:
+    """Ceiling division on the host: triton.cdiv is a constexpr function, and each call through its
+    wrapper costs microseconds on a path that runs for every launch."""
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
 @functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -251,10 +261,10 @@ def _split_k(args: dict) -> int:
     x = args["x_ptr"]
     sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
         if x.is_cuda else 8
-    tiles = triton.cdiv(args["M"], args.get("BLOCK_M", 1)) * triton.cdiv(args["N"], args["BLOCK_N"])
-    k_tiles = triton.cdiv(args["K"], args["BLOCK_K"])
-    wanted = max(1, min(triton.cdiv(2 * sms, tiles), k_tiles // 2))
-    return triton.cdiv(k_tiles, triton.cdiv(k_tiles, wanted))  # no split left without tiles
+    tiles = _cdiv(args["M"], args.get("BLOCK_M", 1)) * _cdiv(args["N"], args["BLOCK_N"])
+    k_tiles = _cdiv(args["K"], args["BLOCK_K"])
+    wanted = max(1, min(_cdiv(2 * sms, tiles), k_tiles // 2))
+    return _cdiv(k_tiles, _cdiv(k_tiles, wanted))  # no split left without tiles
 
 
 def _cfg(num_warps, num_stages, **kwargs):
@@ -369,16 +379,16 @@ def _check(x, qweight, qzeros, scales, g_idx, bits, group_size) -> tuple[int, in
     N = qweight.shape[1]
     groups = scales.shape[0]
     expected = {
-        "qweight": (qweight.shape, (triton.cdiv(K * bits, 32), N)),
+        "qweight": (qweight.shape, (_cdiv(K * bits, 32), N)),
         "scales": (scales.shape, (groups, N)),
-        "qzeros": (qzeros.shape, (groups, triton.cdiv(N * bits, 32))),
+        "qzeros": (qzeros.shape, (groups, _cdiv(N * bits, 32))),
     }
     if g_idx is not None:
         expected["g_idx"] = (g_idx.shape, (K,))
     for name, (got, want) in expected.items():
         if tuple(got) != want:
             raise ValueError(f"{name} has shape {tuple(got)}, expected {want} for in={K}, out={N}, bits={bits}")
-    if g_idx is None and groups != (1 if group_size == -1 else triton.cdiv(K, group_size)):
+    if g_idx is None and groups != (1 if group_size == -1 else _cdiv(K, group_size)):
         raise ValueError(f"{groups} groups of scales do not fit in={K} with group size {group_size}")
     devices = {t.device for t in (x, qweight, qzeros, scales) + ((g_idx,) if g_idx is not None else ())}
     if len(devices) != 1:
@@ -416,16 +426,16 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         mode = 0
     _, launch, splits = next(r for r in _REGIMES if r[0] is None or M <= r[0])
     if splits:
-        ws, cnt = _workspace(x.device, M * N, triton.cdiv(M, _SMALLEST_BLOCK) * triton.cdiv(N, _SMALLEST_BLOCK))
+        ws, cnt = _workspace(x.device, M * N, _cdiv(M, _SMALLEST_BLOCK) * _cdiv(N, _SMALLEST_BLOCK))
     else:
         ws, cnt = _workspace(x.device, 0, 0)
 
     def grid(meta):
-        tiles = triton.cdiv(M, meta.get("BLOCK_M", 1)) * triton.cdiv(N, meta["BLOCK_N"])
+        tiles = _cdiv(M, meta.get("BLOCK_M", 1)) * _cdiv(N, meta["BLOCK_N"])
         return tiles, meta["SPLIT_K"]
 
     extra = {"DOT_F32": INTERPRETED and x.dtype == torch.bfloat16} if "DOT_F32" in launch.arg_names else {}
     launch[grid](x2, qweight, qzeros, scales, g_idx, y2, ws, cnt,
                  M, N, K, qweight.shape[0], x2.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0),
-                 y2.stride(0), triton.next_power_of_2(M), _MAGIC, BITS=bits, GROUP_SIZE=mode, **extra)
+                 y2.stride(0), _next_power_of_2(M), _MAGIC, BITS=bits, GROUP_SIZE=mode, **extra)
     return out

@@ -304,6 +304,17 @@ def test_rejects_inconsistent_tensors(kernels):
         kernels.gptq_matmul(x, t["qweight"], t["qzeros"][:, :2], t["scales"], t["g_idx"], 4, 32)
 
 
+def test_host_arithmetic_matches_triton(kernels):
+    """The launch path's plain-int ceil division and power of two agree with triton's own."""
+    import triton
+
+    gptq = sys.modules[kernels.gptq_matmul.__module__]
+    for a in (*range(1, 300), 4095, 4096, 4097, 14336, 2**20 + 1):
+        assert gptq._next_power_of_2(a) == triton.next_power_of_2(a)
+        for b in (1, 2, 16, 32, 128, 132, 256):
+            assert gptq._cdiv(a, b) == triton.cdiv(a, b)
+
+
 def test_available_reflects_the_machine(kernels):
     assert kernels.available() == (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 

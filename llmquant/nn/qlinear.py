@@ -7,6 +7,7 @@ or =triton forces one path (for debugging; triton on the CPU needs TRITON_INTERP
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -18,7 +19,9 @@ from ..formats.pack import pack_gptq, unpack_gptq
 from ..quant.grid import QuantizedWeight
 
 
+@functools.cache
 def _load_kernels():
+    """Once per process: forward runs for every linear of every token, and the answer cannot change."""
     try:
         from .. import kernels
     except ImportError:
