@@ -242,8 +242,8 @@ def _gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, y_ptr, w
 # under the interpreter there is a single small config per regime.
 
 def _cdiv(a: int, b: int) -> int:
-    """Ceiling division on the host: triton.cdiv is a constexpr function, and each call through its
-    wrapper costs microseconds on a path that runs for every launch."""
+    """Ceiling division on the host: in recent Triton (3.9) triton.cdiv is a constexpr function, and
+    each call through its wrapper costs microseconds on a path that runs for every launch."""
     return -(-a // b)
 
 
