@@ -9,9 +9,10 @@
 #
 # On an H200 (16 host cores) the tests need about 5 min (they compile every autotuner candidate), the
 # other three about 6 min together: within a 10-minute call limit, run `tests`, then the rest.
-# Needs: CUDA torch and triton; the wheels of any missing dependency in .whl/ (installed with --no-index,
-# for machines without a registry); in .dev/ the demo's config.json, tokenizer.json and
-# tokenizer_config.json, and the two wikitext2 files (no weights: the model is built at random there).
+# Needs: CUDA torch and triton; pytest-xdist and pytest-timeout for the tests step; the wheels of any
+# missing dependency in .whl/ (installed with --no-index, for machines without a registry); in .dev/
+# the demo's config.json, tokenizer.json and tokenizer_config.json, and the two wikitext2 files (no
+# weights: the model is built at random there).
 # Writes log.txt, tests.log and the benchmarks' JSON under $OUT (default out/device).
 set -uo pipefail
 cd "$(dirname "$0")/.."
