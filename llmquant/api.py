@@ -24,6 +24,7 @@ from .quant.awq import AWQSolver
 from .quant.gptq import GPTQSolver
 from .quant.grid import SUPPORTED_BITS, QuantSpec
 from .quant.rtn import RTNSolver
+from .quant.tune import TuneSpec
 from .runner import run_layers
 
 METHODS = ("rtn", "gptq", "awq", "awq+gptq", "imatrix")
@@ -50,6 +51,8 @@ class QuantConfig:
     block_size: int = 128
     float_targets: bool = False  # fit each linear to the float model's outputs on the float model's inputs
     refit_scales: bool = True  # after the column updates, the least-squares scales for the codes chosen
+    tune_iters: int = 0  # steps of block-wise tuning of the rounding after GPTQ (0: none; see quant/tune.py)
+    tune_samples: int = 4  # calibration samples per tuning step
     # AWQ
     duo_scaling: bool = True  # candidate scales mean|x|^a / mean|w|^(1-a), not mean|x|^a alone
     awq_clip: bool | None = None  # clip each group after the scales; None: the method's default, see awq_clip_mode
@@ -88,6 +91,11 @@ class QuantConfig:
                             "--format gptq or awq")
         if self.float_targets and not self.method.endswith("gptq"):
             raise UserError("--float-targets belongs to --method gptq or awq+gptq")
+        if self.tune_iters < 0 or self.tune_samples < 1:
+            raise UserError("--tune-iters must be 0 or more and --tune-samples 1 or more")
+        if self.tune_iters and not self._gptq_on_grid():
+            raise UserError("--tune-iters tunes GPTQ's rounding on the integer grid: use it with --method gptq or "
+                            "awq+gptq and --format gptq or awq")
         if self.awq_clip is not None and not self.method.startswith("awq"):
             raise UserError("--awq-clip and --no-awq-clip belong to --method awq or awq+gptq")
         if self.awq_search not in (None, "rtn", "gptq"):
@@ -171,7 +179,8 @@ def make_solver(config: QuantConfig, spec: QuantSpec, scaling_pairs=(), targets:
         solver = inner
     elif config.method.endswith("gptq"):
         solver = GPTQSolver(spec, config.block_size, config.damp, *config.gptq_order(),
-                            float_targets=config.float_targets, refit=config.refit_scales)
+                            float_targets=config.float_targets, refit=config.refit_scales,
+                            tune=TuneSpec(config.tune_iters, config.tune_samples), seed=config.seed)
     else:
         solver = RTNSolver(spec)
     if config.method.startswith("awq"):

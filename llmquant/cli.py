@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     gq.add_argument("--refit-scales", action=argparse.BooleanOptionalAction, default=True,
                     help="after the column updates, refit each row's group scales by least squares on the layer "
                          "output error for the codes chosen (integer grid only) (default: on)")
+    gq.add_argument("--tune-iters", type=int, default=0,
+                    help="after GPTQ rounds a block, tune its rounding and group scales for this many steps of "
+                         "signed gradient descent against the float block's output (SignRound); slower, "
+                         "lower error (default: 0, off)")
+    gq.add_argument("--tune-samples", type=int, default=4, help="calibration samples per tuning step (default: 4)")
     aq = q.add_argument_group("AWQ")
     aq.add_argument("--no-duo-scaling", dest="duo_scaling", action="store_false",
                     help="search scales mean|x|^a alone instead of mean|x|^a / mean|w|^(1-a)")

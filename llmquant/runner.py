@@ -32,10 +32,13 @@ class Observer(Protocol):
 
 class Solver(Protocol):
     """What the runner drives. A solver may also define `prepare_block(block, prefix, inputs, batch)`,
-    called once per block on the work device before any group is observed (AWQ's scale search)."""
+    called once per block on the work device before any group is observed (AWQ's scale search), and,
+    with `tunes_blocks`, `finish_block(block, reference, prefix, inputs, batch, results)`, called once the
+    block's linears are all quantized, which returns better results for them (see quant/tune.py)."""
 
     calibrated: bool  # False: quantizes from the weight alone, no forward passes
     float_targets: bool  # observers also see the float model's inputs (optional attribute; default False)
+    tunes_blocks: bool  # finish_block tunes each block against the float block (optional; default False)
     report: dict[str, dict]  # per-linear figures (loss, time, fallbacks), filled by quantize
 
     def observer(self, names: list[str], linears: list[nn.Linear]) -> Observer | None:
@@ -214,9 +217,11 @@ def _solve_block(block: nn.Module, prefix: str, adapter: ArchAdapter, solver: So
     block_results, solved = {}, set()
     tails = {f"{child}.{linear}" for child, (linear, _) in adapter.tails.items()}
     tail_inputs: dict[nn.Module, dict[str, list]] = {}  # per module (block, reference): tail linears' inputs
-    reference = None
+    reference = observed = None
     if inputs is not None and inputs.reference is not None:
         reference = copy.deepcopy(block)  # the block's float function, before anything is rounded
+        if getattr(solver, "float_targets", False):
+            observed = reference  # observers also get the float model's input of each linear
     try:
         for group in adapter.sequential:
             names = [n for n in group if prefix + n in targets]
@@ -225,7 +230,7 @@ def _solve_block(block: nn.Module, prefix: str, adapter: ArchAdapter, solver: So
             if solver.calibrated and names:  # the group's linears read one input: observe it once
                 observer = solver.observer([prefix + n for n in names], list(linears.values()))
             if observer is not None:  # None: this solver needs no statistics for the group
-                kept = [] if reference is not None else None
+                kept = [] if observed is not None else None
                 first = names[0]
                 records = {}
                 if len(names) == 1 and first in tails:
@@ -233,14 +238,14 @@ def _solve_block(block: nn.Module, prefix: str, adapter: ArchAdapter, solver: So
                     if _room_for(width * inputs.hidden.element_size() * (1 + (reference is not None)),
                                  inputs.hidden.device):
                         records = {m: tail_inputs.setdefault(m, {}).setdefault(first, [])
-                                   for m in (block, reference) if m is not None}
+                                   for m in (block, observed) if m is not None}
                 hooks = [linears[first].register_forward_pre_hook(
                     _observe_then_stop(observer, kept, records.get(block)))]
-                if reference is not None:
-                    hooks.append(reference.get_submodule(first).register_forward_pre_hook(
-                        _keep_then_stop(kept, records.get(reference))))
+                if observed is not None:
+                    hooks.append(observed.get_submodule(first).register_forward_pre_hook(
+                        _keep_then_stop(kept, records.get(observed))))
                 try:
-                    forward_block(block, inputs, batch, update=False, reference=reference)
+                    forward_block(block, inputs, batch, update=False, reference=observed)
                 finally:
                     for hook in hooks:
                         hook.remove()
@@ -250,15 +255,25 @@ def _solve_block(block: nn.Module, prefix: str, adapter: ArchAdapter, solver: So
                 block_results[prefix + n] = qw.cpu()
             solved.update(group)
             if solver.calibrated:
-                for module in [m for m in (block, reference) if m is not None]:
+                for module in [m for m in (block, observed) if m is not None]:
                     _replay_finished(module, adapter, solved, tail_inputs.get(module, {}))
+        if getattr(solver, "tunes_blocks", False):
+            _unreplay(block)
+            for name, qw in solver.finish_block(block, reference, prefix, inputs, batch, block_results).items():
+                _write_back(block.get_submodule(name.removeprefix(prefix)), qw, compute_dtype)
+                block_results[name] = qw.cpu()
         if solver.calibrated:
             forward_block(block, inputs, batch, update=True, reference=reference)
     finally:
-        for name, child in list(block.named_children()):
-            if isinstance(child, _Replay):
-                setattr(block, name, child.module)
+        _unreplay(block)
     return block_results
+
+
+def _unreplay(block: nn.Module) -> None:
+    """Put back every child a _Replay stood in for."""
+    for name, child in list(block.named_children()):
+        if isinstance(child, _Replay):
+            setattr(block, name, child.module)
 
 
 def _streams(inputs: BlockInputs | None) -> dict[str, torch.Tensor]:
@@ -301,7 +316,7 @@ def run_layers(model: nn.Module, adapter: ArchAdapter, solver: Solver, targets: 
         if samples is None:
             raise ValueError("this solver needs calibration samples")
         inputs = capture_inputs(model, adapter, samples, device, compute_dtype)
-        if getattr(solver, "float_targets", False):
+        if getattr(solver, "float_targets", False) or getattr(solver, "tunes_blocks", False):
             inputs.reference = inputs.hidden.clone()
         if done:
             with torch.inference_mode():  # the captured activations are inference tensors

@@ -136,6 +136,8 @@ def test_bad_input_gives_one_line_errors(tiny_model_dir, broken_models, tmp_path
         (["quantize", tiny_model_dir, "--format", "exl2", "--out", out], ["exl2"]),
         (["quantize", tiny_model_dir, "--method", "awq", "--float-targets", "--out", out], ["--float-targets", "gptq"]),
         (["quantize", tiny_model_dir, "--act-order", "--out", out], ["--act-order", "gptq"]),
+        (["quantize", tiny_model_dir, "--method", "awq", "--tune-iters", 5, "--out", out], ["--tune-iters", "gptq"]),
+        (["quantize", tiny_model_dir, "--method", "gptq", "--tune-iters", -1, "--out", out], ["--tune-iters"]),
         (["quantize", tiny_model_dir, "--method", "gptq", "--no-awq-clip", "--out", out], ["--no-awq-clip", "awq"]),
         (["quantize", tiny_model_dir, "--method", "awq", "--awq-search", "gptq", "--out", out],
          ["--awq-search gptq", "awq+gptq"]),

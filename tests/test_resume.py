@@ -1,4 +1,4 @@
-"""kill -9 in the middle of a run (GPTQ, AWQ+GPTQ, GPTQ onto GGUF blocks, GPTQ with float targets), then
+"""kill -9 in the middle of a run (GPTQ, AWQ+GPTQ, GPTQ onto GGUF blocks, GPTQ with float targets or tuning), then
 --resume: the result is byte-identical to an uninterrupted run."""
 
 import json
@@ -32,6 +32,8 @@ RUNS = {  # what a run writes, and the flags that make it
     "gguf-gptq": ("file", ["--method", "gptq", "--format", "gguf", "--gguf-type", "Q4_K_M"]),
     # float targets carry a second stream of activations, which the record must hold too
     "gptq-float-targets": ("dir", ["--method", "gptq", "--bits", "2", "--group-size", "32", "--float-targets"]),
+    # block-wise tuning draws random batches: a resumed run must draw the same ones for the blocks it solves
+    "gptq-tuned": ("dir", ["--method", "gptq", "--bits", "3", "--group-size", "32", "--tune-iters", "4"]),
 }
 
 

@@ -222,6 +222,7 @@ class AWQSolver:
             raise ValueError("AWQ needs the architecture's scaling pairs (previous op -> linears)")
         self.inner, self.spec, self.pairs, self.targets = inner, spec, scaling_pairs, targets
         self.float_targets = getattr(inner, "float_targets", False)
+        self.tunes_blocks = getattr(inner, "tunes_blocks", False)
         self.n_grid, self.duo_scaling, self.clip, self.max_tokens = n_grid, duo_scaling, clip, max_tokens
         self.error, self.patience = (self._inner_error, 2) if inner_judge else (rtn_error(spec), None)
         self.judge, self.judge_rows = "inner" if inner_judge else "rtn", judge_rows
@@ -294,3 +295,10 @@ class AWQSolver:
         qw = self.inner.quantize(name, linear, observer if self.inner.calibrated else None)
         self.report[name] = {**self._search.pop(name, {}), **self.inner.report.get(name, {})}
         return qw
+
+    def finish_block(self, block, reference, prefix, inputs, batch, results) -> dict[str, QuantizedWeight]:
+        """The inner solver's block tuning, on the scaled block against the scaled float block."""
+        tuned = self.inner.finish_block(block, reference, prefix, inputs, batch, results)
+        for name in tuned:
+            self.report[name].update(self.inner.report[name])
+        return tuned

@@ -11,12 +11,14 @@ import logging
 import math
 import time
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import torch
 
 from .grid import QuantizedWeight, QuantSpec, fit, fit_groups
 from .rtn import rtn
+from .tune import TuneSpec, tune_block
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class GPTQResult:
     weight: QuantizedWeight
     loss: float  # sum over the weight of (w - q)^2 / [H^-1]_jj^2 / 2: the layer-output error GPTQ minimises
     damp: float  # damping finally used (a fraction of the mean diagonal)
+    unrounded: torch.Tensor  # [out, in] each code before rounding (the error-compensated weight / scale + zero)
 
 
 @contextlib.contextmanager
@@ -171,6 +174,7 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int
     if spec.group_size != -1:
         block_size = max(g, block_size // g * g)  # groups never straddle a block: fit on updated weights
     codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
+    unrounded = torch.empty(rows, cols, dtype=torch.float32, device=W.device)
     losses = torch.zeros(rows, device=W.device, dtype=H.dtype)
     fitted_s, fitted_z = [], []
     col_group = torch.arange(cols, device=W.device) // g if spec.group_size != -1 else \
@@ -181,7 +185,7 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int
         i2 = min(i1 + block_size, cols)
         W1 = W[:, i1:i2].clone()
         U1 = U[i1:i2, i1:i2]
-        q1 = torch.empty_like(W1)
+        u1 = torch.empty_like(W1)
         err = torch.empty_like(W1)
         with _one_thread(W.device.type == "cpu"):
             for i in range(i2 - i1):
@@ -194,12 +198,13 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int
                 elif spec.group_size == -1 or static_groups:
                     scale, zero = scales[:, col_group[c]].to(W1.dtype), zeros[:, col_group[c]].to(W1.dtype)
                 w = W1[:, i]
-                q = torch.clamp(torch.round(w / scale) + zero, 0, spec.maxq)
-                q1[:, i] = q
+                u = torch.div(w, scale, out=u1[:, i]).add_(zero)
+                q = torch.round(u).clamp_(0, spec.maxq)
                 e = err[:, i]
                 torch.div(w - (q - zero) * scale, U1[i, i], out=e)
                 W1[:, i + 1:].addr_(e, U1[i, i + 1:], alpha=-1)
-        codes[:, i1:i2] = q1.to(torch.uint8)
+        unrounded[:, i1:i2] = u1
+        codes[:, i1:i2] = u1.round().clamp_(0, spec.maxq).to(torch.uint8)
         losses += err.pow(2).sum(1) / 2
         W[:, i2:].addmm_(err, U[i1:i2, i2:], alpha=-1)
     if spec.group_size != -1 and not static_groups:
@@ -210,7 +215,7 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int
     g_idx = torch.empty(cols, dtype=torch.int32, device=W.device)
     if perm is not None:
         inv = torch.argsort(perm)
-        codes = codes[:, inv]
+        codes, unrounded = codes[:, inv], unrounded[:, inv]
         g_idx[:] = solve_group[inv].to(torch.int32)
     else:
         g_idx[:] = solve_group.to(torch.int32)
@@ -218,7 +223,7 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int
     loss = float(losses.sum())
     if refit:  # on the damped H: the objective the column updates minimised
         qw, loss = refit_scales(qw, target, damped(H_target, used_damp))
-    return GPTQResult(qw, loss, used_damp)
+    return GPTQResult(qw, loss, used_damp, unrounded)
 
 
 class GPTQSolver:
@@ -227,11 +232,14 @@ class GPTQSolver:
     calibrated = True
 
     def __init__(self, spec: QuantSpec, block_size: int = 128, damp: float = 0.01, act_order: bool = False,
-                 static_groups: bool = False, float_targets: bool = False, refit: bool = False):
+                 static_groups: bool = False, float_targets: bool = False, refit: bool = False,
+                 tune: TuneSpec = TuneSpec(), seed: int = 0):
         self.spec, self.block_size, self.damp = spec, block_size, damp
         self.act_order, self.static_groups = act_order, static_groups
         self.float_targets, self.refit = float_targets, refit
+        self.tune, self.seed, self.tunes_blocks = tune, seed, tune.iters > 0
         self.report: dict[str, dict] = {}
+        self._unrounded: dict[str, torch.Tensor] = {}  # per linear of the current block, for finish_block
 
     def observer(self, names, linears) -> Hessian:
         return Hessian(linears[0].in_features, linears[0].weight.device, cross=self.float_targets)
@@ -256,6 +264,8 @@ class GPTQSolver:
                               refit=self.refit)
                 qw = result.weight
                 entry.update(loss=result.loss, damp=result.damp)
+                if self.tunes_blocks:
+                    self._unrounded[name] = result.unrounded
             except HessianNotPositiveDefinite as err:
                 reason = str(err)
         if reason is not None:
@@ -265,3 +275,27 @@ class GPTQSolver:
         entry["seconds"] = time.perf_counter() - start
         self.report[name] = entry
         return qw
+
+    def finish_block(self, block, reference, prefix: str, inputs, batch: int,
+                     results: dict[str, QuantizedWeight]) -> dict[str, QuantizedWeight]:
+        """The block's GPTQ results tuned against the float block (see tune.py); RTN fallbacks stay."""
+        start = time.perf_counter()
+        weights = {n.removeprefix(prefix): (results[n], self._unrounded.pop(n)) for n in list(self._unrounded)}
+        if not weights:
+            return {}
+        targets: dict[int, torch.Tensor] = {}
+
+        def targets_of(index: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                for i in index.tolist():
+                    if i not in targets:
+                        out = reference(inputs.reference[i:i + 1], **inputs.kwargs)
+                        targets[i] = (out[0] if isinstance(out, tuple) else out)[0]
+            return torch.stack([targets[i] for i in index.tolist()])
+
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(prefix.encode()))
+        tuned, figures = tune_block(block, inputs.hidden, targets_of, inputs.kwargs, weights, self.tune, generator)
+        seconds = (time.perf_counter() - start) / max(len(tuned), 1)
+        for n in tuned:
+            self.report[prefix + n].update(figures, tune_seconds=seconds)
+        return {prefix + n: qw for n, qw in tuned.items()}
