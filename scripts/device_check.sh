@@ -69,13 +69,14 @@ try:
     runpy.run_module("llmquant", run_name="__main__")
 finally:
     print(f"peak CUDA memory allocated: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")'
-  for method in gptq awq+gptq; do
-    step "quantize-$method" 150 python3 -P -c "$with_peak" quantize "$model" --method "$method" --bits 4 \
+  for run in gptq awq+gptq gptq-tuned; do  # gptq-tuned: block-wise tuning (autograd on the GPU, in bf16)
+    method=${run%-tuned}
+    step "quantize-$run" 150 python3 -P -c "$with_peak" quantize "$model" --method "$method" --bits 4 \
       --group-size 128 --asym --calib .dev/valid.tokens.txt --n-samples 128 --seqlen 512 --device cuda --force \
-      --out "/tmp/q-$method"
+      $([[ $run == *-tuned ]] && echo --tune-iters 20) --out "/tmp/q-$run"
   done
   for device in cuda cpu; do
-    step "eval-$device" 120 python3 -P -m llmquant eval /tmp/q-gptq /tmp/q-awq+gptq --base "$model" \
+    step "eval-$device" 120 python3 -P -m llmquant eval /tmp/q-gptq /tmp/q-awq+gptq /tmp/q-gptq-tuned --base "$model" \
       --data .dev/test.raw.txt --windows 16 --device "$device"
   done
 fi
