@@ -235,7 +235,7 @@ def _solve_block(block: nn.Module, prefix: str, adapter: ArchAdapter, solver: So
                 records = {}
                 if len(names) == 1 and first in tails:
                     width = inputs.hidden.shape[0] * inputs.hidden.shape[1] * linears[first].in_features
-                    if _room_for(width * inputs.hidden.element_size() * (1 + (reference is not None)),
+                    if _room_for(width * inputs.hidden.element_size() * (1 + (observed is not None)),
                                  inputs.hidden.device):
                         records = {m: tail_inputs.setdefault(m, {}).setdefault(first, [])
                                    for m in (block, observed) if m is not None}
