@@ -33,8 +33,9 @@ class Observer(Protocol):
 class Solver(Protocol):
     """What the runner drives. A solver may also define `prepare_block(block, prefix, inputs, batch)`,
     called once per block on the work device before any group is observed (AWQ's scale search), and,
-    with `tunes_blocks`, `finish_block(block, reference, prefix, inputs, batch, results)`, called once the
-    block's linears are all quantized, which returns better results for them (see quant/tune.py)."""
+    with `tunes_blocks`, `finish_block(block, prefix, inputs, targets, results)`, called once the block's
+    linears are all quantized with `targets` the float block's outputs on the float stream, which returns
+    better results for them (see quant/tune.py)."""
 
     calibrated: bool  # False: quantizes from the weight alone, no forward passes
     float_targets: bool  # observers also see the float model's inputs (optional attribute; default False)
@@ -259,9 +260,13 @@ def _solve_block(block: nn.Module, prefix: str, adapter: ArchAdapter, solver: So
                     _replay_finished(module, adapter, solved, tail_inputs.get(module, {}))
         if getattr(solver, "tunes_blocks", False):
             _unreplay(block)
-            for name, qw in solver.finish_block(block, reference, prefix, inputs, batch, block_results).items():
+            # the float stream moves on first: its new values are the targets the tuning aims at
+            forward_block(reference, BlockInputs(inputs.reference, inputs.kwargs), batch, update=True)
+            tuned = solver.finish_block(block, prefix, inputs, inputs.reference, block_results)
+            for name, qw in tuned.items():
                 _write_back(block.get_submodule(name.removeprefix(prefix)), qw, compute_dtype)
                 block_results[name] = qw.cpu()
+            reference = None
         if solver.calibrated:
             forward_block(block, inputs, batch, update=True, reference=reference)
     finally:

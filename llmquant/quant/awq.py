@@ -296,9 +296,9 @@ class AWQSolver:
         self.report[name] = {**self._search.pop(name, {}), **self.inner.report.get(name, {})}
         return qw
 
-    def finish_block(self, block, reference, prefix, inputs, batch, results) -> dict[str, QuantizedWeight]:
-        """The inner solver's block tuning, on the scaled block against the scaled float block."""
-        tuned = self.inner.finish_block(block, reference, prefix, inputs, batch, results)
+    def finish_block(self, block, prefix, inputs, targets, results) -> dict[str, QuantizedWeight]:
+        """The inner solver's block tuning, on the scaled block (scaling left the float outputs unchanged)."""
+        tuned = self.inner.finish_block(block, prefix, inputs, targets, results)
         for name in tuned:
             self.report[name].update(self.inner.report[name])
         return tuned

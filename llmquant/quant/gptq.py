@@ -276,25 +276,15 @@ class GPTQSolver:
         self.report[name] = entry
         return qw
 
-    def finish_block(self, block, reference, prefix: str, inputs, batch: int,
+    def finish_block(self, block, prefix: str, inputs, targets: torch.Tensor,
                      results: dict[str, QuantizedWeight]) -> dict[str, QuantizedWeight]:
-        """The block's GPTQ results tuned against the float block (see tune.py); RTN fallbacks stay."""
+        """The block's GPTQ results tuned against the float block's outputs (see tune.py); RTN fallbacks stay."""
         start = time.perf_counter()
         weights = {n.removeprefix(prefix): (results[n], self._unrounded.pop(n)) for n in list(self._unrounded)}
         if not weights:
             return {}
-        targets: dict[int, torch.Tensor] = {}
-
-        def targets_of(index: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                for i in index.tolist():
-                    if i not in targets:
-                        out = reference(inputs.reference[i:i + 1], **inputs.kwargs)
-                        targets[i] = (out[0] if isinstance(out, tuple) else out)[0]
-            return torch.stack([targets[i] for i in index.tolist()])
-
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(prefix.encode()))
-        tuned, figures = tune_block(block, inputs.hidden, targets_of, inputs.kwargs, weights, self.tune, generator)
+        tuned, figures = tune_block(block, inputs.hidden, targets, inputs.kwargs, weights, self.tune, generator)
         seconds = (time.perf_counter() - start) / max(len(tuned), 1)
         for n in tuned:
             self.report[prefix + n].update(figures, tune_seconds=seconds)

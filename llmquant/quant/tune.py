@@ -54,11 +54,11 @@ def _batches(n: int, size: int, generator: torch.Generator):
             yield order[start:start + size]
 
 
-def tune_block(block: nn.Module, hidden: torch.Tensor, targets_of, kwargs: dict,
+def tune_block(block: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, kwargs: dict,
                weights: dict[str, tuple[QuantizedWeight, torch.Tensor]], spec: TuneSpec,
                generator: torch.Generator) -> tuple[dict[str, QuantizedWeight], dict]:
     """New QuantizedWeights for `weights` (linear name in block -> (its GPTQ result, unrounded codes)),
-    tuned so that block(hidden[i]) approaches targets_of(i), the float block's output for sample i.
+    tuned so that block(hidden[i]) approaches targets[i], the float block's output for sample i.
     Also returns the mean block-output error of the first and last steps."""
     device = hidden.device
     dtype = next(block.parameters()).dtype
@@ -70,13 +70,12 @@ def tune_block(block: nn.Module, hidden: torch.Tensor, targets_of, kwargs: dict,
     losses = []
     for step in range(spec.iters):
         index = next(batches)
-        target = targets_of(index)
         with torch.enable_grad():
             params = {f"{n}.weight": _unrounded_grid(qw, u, offsets[n], log_scales[n]).to(dtype)
                       for n, (qw, u) in weights.items()}
             out = torch.func.functional_call(block, params, (_trainable(hidden[index]),), kwargs)
             out = out[0] if isinstance(out, tuple) else out
-            loss = (out.float() - target.float()).pow(2).mean()
+            loss = (out.float() - targets[index].float()).pow(2).mean()
             grads = torch.autograd.grad(loss, [*offsets.values(), *log_scales.values()])
         losses.append(float(loss))
         step_lr = spec.lr * (1 - step / spec.iters)
