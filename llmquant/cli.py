@@ -72,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "output error for the codes chosen (integer grid only) (default: on)")
     gq.add_argument("--tune-iters", type=int, default=0,
                     help="after GPTQ rounds a block, tune its rounding and group scales for this many steps of "
-                         "signed gradient descent against the float block's output (SignRound); slower, "
-                         "lower error (default: 0, off)")
+                         "signed gradient descent against the float block's output (SignRound); about three times "
+                         "slower, lower error; 20 is a good start at 4 bits, 40 at 3 (default: 0, off)")
     gq.add_argument("--tune-samples", type=int, default=4, help="calibration samples per tuning step (default: 4)")
     aq = q.add_argument_group("AWQ")
     aq.add_argument("--no-duo-scaling", dest="duo_scaling", action="store_false",
