@@ -258,17 +258,16 @@ def _solve_block(block: nn.Module, prefix: str, adapter: ArchAdapter, solver: So
             if solver.calibrated:
                 for module in [m for m in (block, observed) if m is not None]:
                     _replay_finished(module, adapter, solved, tail_inputs.get(module, {}))
+        if reference is not None:  # the float stream moves on first: its outputs are what tuning aims at
+            forward_block(reference, BlockInputs(inputs.reference, inputs.kwargs), batch, update=True)
         if getattr(solver, "tunes_blocks", False):
             _unreplay(block)
-            # the float stream moves on first: its new values are the targets the tuning aims at
-            forward_block(reference, BlockInputs(inputs.reference, inputs.kwargs), batch, update=True)
             tuned = solver.finish_block(block, prefix, inputs, inputs.reference, block_results)
             for name, qw in tuned.items():
                 _write_back(block.get_submodule(name.removeprefix(prefix)), qw, compute_dtype)
                 block_results[name] = qw.cpu()
-            reference = None
         if solver.calibrated:
-            forward_block(block, inputs, batch, update=True, reference=reference)
+            forward_block(block, inputs, batch, update=True)
     finally:
         _unreplay(block)
     return block_results
