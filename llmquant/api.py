@@ -29,6 +29,7 @@ from .runner import run_layers
 
 METHODS = ("rtn", "gptq", "awq", "awq+gptq", "imatrix")
 FORMATS = ("gptq", "awq", "gguf")
+AWQ_JUDGES = {"rtn": "rtn", "gptq": "inner", "block": "block"}  # --awq-search -> AWQSolver's judge
 
 
 @dataclass
@@ -56,7 +57,7 @@ class QuantConfig:
     # AWQ
     duo_scaling: bool = True  # candidate scales mean|x|^a / mean|w|^(1-a), not mean|x|^a alone
     awq_clip: bool | None = None  # clip each group after the scales; None: the method's default, see awq_clip_mode
-    awq_search: str | None = None  # judge of the scale candidates, rtn | gptq; None: see awq_search_mode
+    awq_search: str | None = None  # judge of the scale candidates, rtn | gptq | block; None: see awq_search_mode
     # GGUF
     gguf_type: str = "Q4_K_M"  # llama.cpp mix name
     tensor_types: list[str] = field(default_factory=list)  # PATTERN=TYPE overrides
@@ -98,8 +99,8 @@ class QuantConfig:
                             "awq+gptq and --format gptq or awq")
         if self.awq_clip is not None and not self.method.startswith("awq"):
             raise UserError("--awq-clip and --no-awq-clip belong to --method awq or awq+gptq")
-        if self.awq_search not in (None, "rtn", "gptq"):
-            raise UserError(f"--awq-search must be rtn or gptq, not {self.awq_search}")
+        if self.awq_search not in (None, *AWQ_JUDGES):
+            raise UserError(f"--awq-search must be rtn, gptq or block, not {self.awq_search}")
         if self.awq_search is not None and not self.method.startswith("awq"):
             raise UserError("--awq-search belongs to --method awq or awq+gptq")
         if self.awq_search == "gptq" and not (self.method == "awq+gptq" and self._gptq_on_grid()):
@@ -185,7 +186,7 @@ def make_solver(config: QuantConfig, spec: QuantSpec, scaling_pairs=(), targets:
         solver = RTNSolver(spec)
     if config.method.startswith("awq"):
         solver = AWQSolver(solver, spec, scaling_pairs, targets, duo_scaling=config.duo_scaling,
-                           clip=config.awq_clip_mode(), inner_judge=config.awq_search_mode() == "gptq")
+                           clip=config.awq_clip_mode(), judge=AWQ_JUDGES[config.awq_search_mode()])
     return solver
 
 

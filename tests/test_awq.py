@@ -1,3 +1,4 @@
+import copy
 import json
 import re
 
@@ -17,6 +18,7 @@ from llmquant.models.loader import load_float_model
 from llmquant.nn.qlinear import QuantLinear
 from llmquant.quant.awq import (
     AWQSolver,
+    BlockJudge,
     can_fold,
     fake_quantize,
     fold_scales,
@@ -56,13 +58,15 @@ def test_folding_leaves_the_float_model_unchanged(family, tmp_path):
         assert torch.allclose(logits(model, ids), before, atol=2e-5, rtol=1e-5)
 
 
-def test_searched_scales_fold_without_changing_the_model(tmp_path):
-    """The solver's own search and fold (clipping off) keep every block's function."""
+@pytest.mark.parametrize("judge", ["rtn", "block"])
+def test_searched_scales_fold_without_changing_the_model(judge, tmp_path):
+    """The solver's own search and fold (clipping off) keep every block's function, also when each candidate
+    was tried in the block itself."""
     model, _, adapter, _ = load_float_model(make_tiny_model(tmp_path / "m", kv_heads=4))
     ids = torch.randint(0, 300, (2, 16))
     before = logits(model, ids)
     spec = QuantSpec(3, 32, False, min_zero=1)
-    solver = AWQSolver(RTNSolver(spec), spec, adapter.scaling_pairs, clip=False)
+    solver = AWQSolver(RTNSolver(spec), spec, adapter.scaling_pairs, clip=False, judge=judge, judge_tokens=64)
     inputs = capture_inputs(model, adapter, torch.randint(0, 300, (8, 32)), "cpu", torch.float32)
     weights = {n: p.clone() for n, p in model.named_parameters()}
     for index, block in enumerate(adapter.blocks(model)):
@@ -72,7 +76,33 @@ def test_searched_scales_fold_without_changing_the_model(tmp_path):
     assert torch.allclose(logits(model, ids), before, atol=2e-5, rtol=1e-5)
     entries = solver._search.values()
     assert all(e["awq_scaled"] for e in entries)
-    assert all(e["awq_error"] <= e["awq_error_identity"] for e in entries)
+    assert all(e["awq_error"] <= e["awq_error_identity"] and e["awq_judge"] == judge for e in entries)
+
+
+def test_block_judge_scores_the_block_output_of_the_folded_rounded_group(tmp_path):
+    model, _, adapter, _ = load_float_model(make_tiny_model(tmp_path / "m", kv_heads=4))
+    inputs = capture_inputs(model, adapter, torch.randint(0, 300, (8, 32)), "cpu", torch.float32)
+    block, spec = adapter.blocks(model)[0], QuantSpec(3, 32, False, min_zero=1)
+    judge = BlockJudge(block, inputs, batch=3, tokens=64)  # two windows of 32: samples 0 and 4
+    names = ["mlp.gate_proj", "mlp.up_proj"]
+    linears = [block.get_submodule(n) for n in names]
+    weight = torch.cat([linear.weight for linear in linears]).detach()
+    before = {n: p.clone() for n, p in block.named_parameters()}
+    s = torch.rand(weight.shape[1]) * 2 + 0.2
+    score = judge.error(linears, spec)(weight, s, None)
+    assert all(torch.equal(p, before[n]) for n, p in block.named_parameters())  # restored after the try
+    # by hand: fold s into the norm, round the scaled linears, run both windows through float and rounded
+    rounded = copy.deepcopy(block)
+    fold_scales(rounded, "post_attention_layernorm", names, s)
+    with torch.no_grad():
+        for n in names:
+            linear = rounded.get_submodule(n)
+            linear.weight.copy_(fake_quantize(linear.weight, spec))
+        hidden = inputs.hidden[[0, 4]].clone()
+        out, ref = (m(hidden, **inputs.kwargs) for m in (rounded, block))
+    out, ref = (t[0] if isinstance(t, tuple) else t for t in (out, ref))
+    assert score == pytest.approx(float((out - ref).pow(2).mean()), rel=1e-4)
+    assert score > 0
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)
@@ -120,10 +150,10 @@ def test_gptq_judge_picks_the_scales_gptq_rounds_best(spec):
     w = torch.randn(48, 72) * 0.1
     gram = x.T @ x / x.shape[0]
     gptq_solver = GPTQSolver(spec, act_order=True, static_groups=True, refit=True)
-    awq = AWQSolver(gptq_solver, spec, [("norm", ("linear",))], inner_judge=True, judge_rows=16)
-    by_gptq = search_scale(w, gram, x.abs().mean(0), spec, error=awq.error)
+    awq = AWQSolver(gptq_solver, spec, [("norm", ("linear",))], judge="inner", judge_rows=16)
+    by_gptq = search_scale(w, gram, x.abs().mean(0), spec, error=awq._inner_error)
     by_rtn = search_scale(w, gram, x.abs().mean(0), spec)
-    assert by_gptq["error"] <= min(by_gptq["error_identity"], awq.error(w, by_rtn["scales"], gram))
+    assert by_gptq["error"] <= min(by_gptq["error_identity"], awq._inner_error(w, by_rtn["scales"], gram))
     s, rows = by_gptq["scales"], w[::3]  # judge_rows=16 of 48: every third row
     folded = gptq(rows * s, 2 * gram / (s[:, None] * s[None, :]), spec, act_order=True, static_groups=True,
                   refit=True).weight.dequantize() / s
@@ -264,21 +294,24 @@ def test_awq_checkpoint_loads_and_matches_its_gptq_twin(tiny_model_dir, calib_fi
 
 def test_awq_clips_before_rtn_and_leaves_the_ranges_to_gptq(tiny_model_dir, calib_file, tmp_path):
     """By default AWQ clips each group for its RTN, and awq+gptq leaves the ranges to GPTQ's own search and
-    judges the scales by GPTQ's error."""
+    judges the scales by GPTQ's error; --awq-search picks the judge."""
     common = dict(bits=3, group_size=32, sym=False, calib=str(calib_file), n_samples=8, seqlen=64)
     clipped = {}
-    for method, awq_clip in (("awq", None), ("awq+gptq", None), ("awq+gptq", True)):
-        out = tmp_path / f"{method}-{awq_clip}"
-        quantize(tiny_model_dir, QuantConfig(method=method, awq_clip=awq_clip, **common), out, progress=False)
+    for method, awq_clip, search, judge in (("awq", None, None, "rtn"), ("awq+gptq", None, None, "inner"),
+                                            ("awq+gptq", True, None, "inner"), ("awq", None, "block", "block")):
+        out = tmp_path / f"{method}-{awq_clip}-{search}"
+        quantize(tiny_model_dir, QuantConfig(method=method, awq_clip=awq_clip, awq_search=search, **common), out,
+                 progress=False)
         report = json.loads((out / "quant_report.json").read_text())["linears"]
         assert all(entry["awq_pair"] for entry in report.values())  # the scales are searched either way
-        # awq+gptq judges them by GPTQ's own error
-        assert {entry["awq_judge"] for entry in report.values()} == {"inner" if method == "awq+gptq" else "rtn"}
-        clipped[method, awq_clip] = [name for name, entry in report.items() if "awq_clip_mean" in entry]
+        assert {entry["awq_judge"] for entry in report.values()} == {judge}
+        clipped[method, awq_clip, search] = [name for name, entry in report.items() if "awq_clip_mean" in entry]
         meta = json.loads((out / "config.json").read_text())["quantization_config"]["meta"]
         assert meta["clip"] == ("mse" if method == "awq+gptq" else "minmax")
-    assert clipped["awq+gptq", None] == []
-    assert len(clipped["awq", None]) == len(clipped["awq+gptq", True]) == 2 * 5  # all but q/k (NO_CLIP), 2 blocks
+    assert clipped["awq+gptq", None, None] == []
+    # all but q/k (NO_CLIP), 2 blocks
+    assert clipped["awq", None, None] == clipped["awq+gptq", True, None] == clipped["awq", None, "block"]
+    assert len(clipped["awq", None, None]) == 2 * 5
 
 
 def test_awq_beats_rtn_at_3_bits(tiny_model_dir, calib_file, tmp_path, capsys):

@@ -6,10 +6,11 @@ output is divided by s: the float block computes the same function, but the sali
 sit on a finer part of the grid. s = mean|x|^alpha (optionally / weight-magnitude^(1 - alpha)),
 with alpha searched on a grid. Then each group's weight range is shrunk where that lowers the
 output error, and an inner solver (RTN or GPTQ) quantizes the transformed block. A candidate s is
-judged by the error min-max RTN would leave, as in AWQ, or by the error the inner GPTQ itself leaves:
-GPTQ corrects much of what scaling is for, so RTN's judge over-scales for it.
+judged by the error min-max RTN would leave in the group's linear outputs, by the error the inner GPTQ
+itself leaves (GPTQ corrects much of what scaling is for, so RTN's judge over-scales for it), or by
+what RTN of the group does to the whole block's output on a few calibration windows (BlockJudge).
 
-Every output error here is E||(W - Q(W)) x||^2 = tr(D G D^T) with G = E[x x^T], the Gram matrix of
+The linear-output errors are E||(W - Q(W)) x||^2 = tr(D G D^T) with G = E[x x^T], the Gram matrix of
 the calibration inputs: exact for the tokens G was built from, and costs in^2 per row instead of
 one matmul over every cached token per candidate (so no activations are kept for the search).
 """
@@ -95,7 +96,7 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha: f
     return torch.where(torch.isfinite(s), s, torch.ones_like(s))
 
 
-# E||(W - W_q) x||^2 after rounding weight W [out, in] scaled by s [in], for inputs with Gram matrix gram
+# the error left by rounding weight W [out, in] scaled by s [in] (folded back), for inputs with Gram matrix gram
 ScaledError = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], float]
 
 
@@ -105,6 +106,40 @@ def rtn_error(spec: QuantSpec) -> ScaledError:
         with _one_thread(weight.device.type == "cpu"):  # small ops: thread start-up costs more than it saves
             return output_error(weight, fake_quantize(weight * s, spec) / s, gram)
     return error
+
+
+class BlockJudge:
+    """AWQ's module-output judge: a candidate's error is the mean squared difference between the block's
+    output with only the group's linears rounded (min-max RTN of W diag(s), folded back) and the float
+    block's, on `tokens` calibration tokens (whole windows, evenly spread). It sees what the Gram judge
+    leaves out (softmax, the gate, the layers after the group), for one block forward per candidate."""
+
+    def __init__(self, block: nn.Module, inputs: BlockInputs, batch: int, tokens: int):
+        n, seqlen = inputs.hidden.shape[:2]
+        count = min(n, math.ceil(tokens / seqlen))
+        self.block, self.batch = block, batch
+        self.hidden, self.kwargs = inputs.hidden[torch.arange(count) * (n // count)], inputs.kwargs
+        self.target = self._output()
+
+    def _output(self) -> torch.Tensor:
+        out = BlockInputs(self.hidden.clone(), self.kwargs)
+        forward_block(self.block, out, self.batch, update=True)
+        return out.hidden.float()
+
+    def error(self, linears: list[nn.Linear], spec: QuantSpec) -> ScaledError:
+        """The judge of one group; `weight` is its linears' weights concatenated, in order."""
+        @torch.no_grad()
+        def error(weight, s, gram):
+            saved = [linear.weight.clone() for linear in linears]
+            rounded = (fake_quantize(weight * s, spec) / s).split([linear.out_features for linear in linears])
+            try:
+                for linear, w in zip(linears, rounded):
+                    linear.weight.copy_(w)
+                return float((self._output() - self.target).pow(2).mean())
+            finally:
+                for linear, w in zip(linears, saved):
+                    linear.weight.copy_(w)
+        return error
 
 
 def search_scale(weight: torch.Tensor, gram: torch.Tensor, x_mean: torch.Tensor, spec: QuantSpec,
@@ -209,23 +244,26 @@ class AWQSolver:
     """The runner's AWQ solver: `prepare_block` searches and folds the scales and clips the weights of
     each block; `inner` (RTNSolver or GPTQSolver) then quantizes the transformed block.
 
-    inner_judge: judge the scale candidates by inner.output_error (GPTQ's own loss) on at most
-    `judge_rows` of the group's rows (rows are independent, and every candidate sees the same ones),
-    scanning alpha only until the error has risen twice: a GPTQ solve per candidate."""
+    judge: what scores a candidate scale. "rtn": rtn_error, AWQ's rounding on the group's linear outputs.
+    "inner": inner.output_error (GPTQ's own loss) on at most `judge_rows` of the group's rows (rows are
+    independent, and every candidate sees the same ones), scanning alpha only until the error has risen
+    twice: a GPTQ solve per candidate. "block": BlockJudge on `judge_tokens` calibration tokens."""
 
     calibrated = True
 
     def __init__(self, inner, spec: QuantSpec, scaling_pairs, targets: set[str] | None = None,
                  n_grid: int = 20, duo_scaling: bool = True, clip: bool = True, max_tokens: int = 64 * 512,
-                 inner_judge: bool = False, judge_rows: int = 1024):
+                 judge: str = "rtn", judge_rows: int = 1024, judge_tokens: int = 4096):
         if not scaling_pairs:
             raise ValueError("AWQ needs the architecture's scaling pairs (previous op -> linears)")
         self.inner, self.spec, self.pairs, self.targets = inner, spec, scaling_pairs, targets
         self.float_targets = getattr(inner, "float_targets", False)
         self.tunes_blocks = getattr(inner, "tunes_blocks", False)
         self.n_grid, self.duo_scaling, self.clip, self.max_tokens = n_grid, duo_scaling, clip, max_tokens
-        self.error, self.patience = (self._inner_error, 2) if inner_judge else (rtn_error(spec), None)
-        self.judge, self.judge_rows = "inner" if inner_judge else "rtn", judge_rows
+        if judge not in ("rtn", "inner", "block"):
+            raise ValueError(f"unknown AWQ judge {judge!r}")
+        self.judge, self.judge_rows, self.judge_tokens = judge, judge_rows, judge_tokens
+        self.patience = 2 if judge == "inner" else None
         self.report: dict[str, dict] = {}
         self._search: dict[str, dict] = {}  # per linear, until quantize merges it into report
 
@@ -233,6 +271,11 @@ class AWQSolver:
         """The inner solver's error on W diag(s), whose inputs x / s have Gram matrix gram / (s s^T)."""
         rows = weight[::math.ceil(weight.shape[0] / self.judge_rows)]
         return self.inner.output_error(rows * s, gram / (s[:, None] * s[None, :]))
+
+    def _error(self, block: nn.Module, names: list[str], block_judge: BlockJudge | None) -> ScaledError:
+        if self.judge == "block":
+            return block_judge.error([block.get_submodule(n) for n in names], self.spec)
+        return self._inner_error if self.judge == "inner" else rtn_error(self.spec)
 
     def _quantized(self, full_name: str) -> bool:
         return self.targets is None or full_name in self.targets
@@ -251,6 +294,7 @@ class AWQSolver:
         finally:
             for hook in hooks:
                 hook.remove()
+        block_judge = BlockJudge(block, inputs, batch, self.judge_tokens) if self.judge == "block" else None
         chosen = {}
         for previous, names in self.pairs:  # every scale is folded before any clip is searched
             quantized = [n for n in names if self._quantized(prefix + n)]
@@ -262,7 +306,7 @@ class AWQSolver:
             if can_fold(block.get_submodule(previous), gram.shape[0]):
                 weight = torch.cat([block.get_submodule(n).weight for n in quantized])
                 best = search_scale(weight, gram, st.mean_abs, self.spec, self.n_grid, self.duo_scaling,
-                                    self.error, self.patience)
+                                    self._error(block, quantized, block_judge), self.patience)
                 fold_scales(block, previous, list(names), best["scales"])
                 chosen[previous] = (best["scales"], gram)
                 entry.update(awq_scaled=True, awq_alpha=best["alpha"], awq_error=best["error"],
