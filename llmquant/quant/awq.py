@@ -128,9 +128,10 @@ class BlockJudge:
 
     def error(self, linears: list[nn.Linear], spec: QuantSpec) -> ScaledError:
         """The judge of one group; `weight` is its linears' weights concatenated, in order."""
+        saved = [linear.weight.detach().clone() for linear in linears]  # restored after every candidate
+
         @torch.no_grad()
         def error(weight, s, gram):
-            saved = [linear.weight.clone() for linear in linears]
             rounded = (fake_quantize(weight * s, spec) / s).split([linear.out_features for linear in linears])
             try:
                 for linear, w in zip(linears, rounded):

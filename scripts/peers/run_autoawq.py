@@ -74,8 +74,9 @@ def main() -> None:
     setup_threads(args.threads)
 
     from awq import AutoAWQForCausalLM
-    copy_weights_in_scale_search()
     from transformers import PreTrainedTokenizerFast
+
+    copy_weights_in_scale_search()
 
     ids = load_input_ids(args.samples)
     dtype = torch.float32 if args.dtype == "float32" else torch.float16
