@@ -140,13 +140,17 @@ class QuantConfig:
         return self.method == "awq" if self.awq_clip is None else self.awq_clip
 
     def awq_search_mode(self) -> str:
-        """--awq-search as AWQ runs. Unset, gptq for awq+gptq on the integer grid: RTN's error picks scales too
-        strong for GPTQ, which corrects much of what scaling is for. On the demo at W3 g128 asym that took KLD
-        from 0.469 to 0.412 (plain GPTQ: 0.454) and at W4 from 0.121 to 0.120 (0.130), for a GPTQ solve per
-        candidate (about five per group)."""
+        """--awq-search as AWQ runs. Unset, block for awq: the whole block's output, as AWQ intends, and the
+        one judge whose choices hold across CPUs (demo, W4 g64 asym: KLD 0.148 on two machines, where the
+        linear-output judge gave 0.145 on one and 0.151 on another), for about twice the time. gptq for
+        awq+gptq on the integer grid: RTN's error picks scales too strong for GPTQ, which corrects much of
+        what scaling is for (W3 g128 asym: KLD 0.469 to 0.412, plain GPTQ 0.454; W4 0.121 to 0.120, 0.130),
+        for a GPTQ solve per candidate (about five per group); rtn for awq+gptq onto GGUF blocks."""
         if self.awq_search is not None:
             return self.awq_search
-        return "gptq" if self.method == "awq+gptq" and self._gptq_on_grid() else "rtn"
+        if self.method == "awq":
+            return "block"
+        return "gptq" if self._gptq_on_grid() else "rtn"
 
     def spec(self) -> QuantSpec:
         # the gptq (v1) layout stores zero - 1, so an asymmetric zero of 0 cannot be written; awq results keep

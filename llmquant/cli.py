@@ -83,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: on for awq; off for awq+gptq, where GPTQ searches the ranges itself)")
     aq.add_argument("--awq-search", choices=["rtn", "gptq", "block"], default=None,
                     help="judge each candidate scale by the error min-max RTN leaves in the group's linear outputs "
-                         "(fast), by that of the GPTQ solve that follows, or by what RTN of the group does to the "
-                         "whole block's output on 4096 calibration tokens (AWQ's module output; about twice the "
-                         "time) (default: gptq for awq+gptq, rtn for awq)")
+                         "(about half the time of block), by that of the GPTQ solve that follows, or by what RTN "
+                         "of the group does to the whole block's output on 4096 calibration tokens (AWQ's module "
+                         "output) (default: block for awq, gptq for awq+gptq, rtn for awq+gptq into GGUF)")
     gg = q.add_argument_group("GGUF")
     gg.add_argument("--gguf-type", default="Q4_K_M",
                     help="llama.cpp mix: Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_0, Q4_1, Q4_K_S, Q4_K_M, Q5_0, Q5_1, "

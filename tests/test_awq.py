@@ -297,8 +297,8 @@ def test_awq_clips_before_rtn_and_leaves_the_ranges_to_gptq(tiny_model_dir, cali
     judges the scales by GPTQ's error; --awq-search picks the judge."""
     common = dict(bits=3, group_size=32, sym=False, calib=str(calib_file), n_samples=8, seqlen=64)
     clipped = {}
-    for method, awq_clip, search, judge in (("awq", None, None, "rtn"), ("awq+gptq", None, None, "inner"),
-                                            ("awq+gptq", True, None, "inner"), ("awq", None, "block", "block")):
+    for method, awq_clip, search, judge in (("awq", None, None, "block"), ("awq+gptq", None, None, "inner"),
+                                            ("awq+gptq", True, None, "inner"), ("awq", None, "rtn", "rtn")):
         out = tmp_path / f"{method}-{awq_clip}-{search}"
         quantize(tiny_model_dir, QuantConfig(method=method, awq_clip=awq_clip, awq_search=search, **common), out,
                  progress=False)
@@ -310,7 +310,7 @@ def test_awq_clips_before_rtn_and_leaves_the_ranges_to_gptq(tiny_model_dir, cali
         assert meta["clip"] == ("mse" if method == "awq+gptq" else "minmax")
     assert clipped["awq+gptq", None, None] == []
     # all but q/k (NO_CLIP), 2 blocks
-    assert clipped["awq", None, None] == clipped["awq+gptq", True, None] == clipped["awq", None, "block"]
+    assert clipped["awq", None, None] == clipped["awq+gptq", True, None] == clipped["awq", None, "rtn"]
     assert len(clipped["awq", None, None]) == 2 * 5
 
 
