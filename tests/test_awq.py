@@ -197,6 +197,28 @@ def test_clip_search_lowers_each_groups_output_error(spec):
         assert torch.equal(clamped[full], w[full])
 
 
+def test_asymmetric_clip_shrinks_each_end_on_its_own():
+    # one positive outlier per row: the best range cuts the top harder than the bottom, which no single
+    # factor on both ends can do
+    spec = QuantSpec(3, 32, False, min_zero=1)
+    x = outlier_inputs(256, 32, seed=2)
+    w = torch.randn(64, 32, generator=torch.Generator().manual_seed(0)) * 0.1
+    w[:, 3] = w[:, 3].abs() * 8
+    gram = x.T @ x / x.shape[0]
+    clamped, kept = search_clip(w, gram, spec)
+
+    def error(weight):
+        return (((x @ (fake_quantize(weight, spec) - w).T) ** 2).mean(0))
+
+    one_factor = torch.stack([error(torch.clamp(w, p * w.amin(1, keepdim=True), p * w.amax(1, keepdim=True)))
+                              for p in torch.arange(20, 10, -1) / 20]).amin(0)
+    assert torch.all(error(clamped) <= one_factor * (1 + 1e-4) + 1e-9)
+    assert error(clamped).sum() < 0.95 * one_factor.sum()
+    top, bottom = clamped.amax(1) / w.amax(1), clamped.amin(1) / w.amin(1)
+    assert (top < 1).float().mean() > 0.5 and ((top - bottom).abs() > 0.02).float().mean() > 0.5
+    assert torch.all((kept > 0.5) & (kept <= 1))
+
+
 def random_qweight(out_features=24, in_features=64, group_size=32, sym=False):
     groups = -(-in_features // group_size)
     return QuantizedWeight(torch.randint(0, 16, (out_features, in_features), dtype=torch.uint8),

@@ -180,31 +180,38 @@ def _diagonal_blocks(gram: torch.Tensor, width: int) -> torch.Tensor:
 
 def search_clip(weight: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, n_grid: int = 20,
                 max_shrink: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per (row, group) shrink factor of the weight range (1, 1 - 1/n_grid, ... down to 1 - max_shrink)
-    minimising that group's share of the output error; returns (clamped weight, factors [out, groups]).
-    Groups are judged independently (cross-group terms of the Gram are left out), as in AWQ."""
+    """Per (row, group) clamp of the weight range minimising that group's share of the output error;
+    returns (clamped weight, fraction of each group's range kept [out, groups]). Groups are judged
+    independently (cross-group terms of the Gram are left out), as in AWQ.
+
+    Each end is shrunk by its own factor (1, 1 - 1/n_grid, ... down to 1 - max_shrink) on an
+    asymmetric grid, so an outlier on one side costs the other side nothing (on the demo at W3 g64 this
+    lowered every block's output error, by 10% at the median, against shrinking both ends by one
+    factor). A symmetric grid shrinks both ends alike."""
     in_f = weight.shape[1]
     w, blocks = _grouped(weight, spec.width(in_f)), _diagonal_blocks(gram, spec.width(in_f))
     wmin, wmax = w.amin(-1), w.amax(-1)
     if spec.sym:
         wmax = torch.maximum(-wmin, wmax)
         wmin = -wmax
+    factors = [1 - i / n_grid for i in range(int(max_shrink * n_grid))]
+    pairs = [(p, p) for p in factors] if spec.sym else [(a, b) for a in factors for b in factors]
     best_err = torch.full_like(wmin, float("inf"))
-    best_p = torch.ones_like(wmin)
+    best_lo, best_hi = wmin, wmax
     with _one_thread(weight.device.type == "cpu"):
-        for i in range(int(max_shrink * n_grid)):
-            p = 1 - i / n_grid
-            lo, hi = p * wmin, p * wmax
+        for a, b in pairs:
+            lo, hi = a * wmin, b * wmax
             scale, zero = (t[..., None] for t in fit_range(lo, hi, spec))
             clamped = torch.maximum(torch.minimum(w, hi[..., None]), lo[..., None])
             d = ((round_to_grid(clamped, scale, zero, spec.maxq) - zero) * scale - w).transpose(0, 1)
             err = (torch.bmm(d, blocks) * d).sum(-1).T  # [out, groups]: each group's share of the error
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best_p = torch.where(better, torch.full_like(best_p, p), best_p)
-    lo, hi = (best_p * wmin)[..., None], (best_p * wmax)[..., None]
-    clamped = torch.maximum(torch.minimum(w, hi), lo).flatten(1)[:, :in_f]
-    return clamped.to(weight.dtype), best_p
+            best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+    clamped = torch.maximum(torch.minimum(w, best_hi[..., None]), best_lo[..., None]).flatten(1)[:, :in_f]
+    span = wmax - wmin
+    kept = (torch.minimum(best_hi, wmax) - torch.maximum(best_lo, wmin)) / torch.where(span > 0, span, 1)
+    return clamped.to(weight.dtype), kept
 
 
 def _is_norm(module: nn.Module) -> bool:
