@@ -287,39 +287,49 @@ def _streams(inputs: BlockInputs | None) -> dict[str, torch.Tensor]:
     return {"hidden": inputs.hidden, **({"reference": inputs.reference} if inputs.reference is not None else {})}
 
 
+class Collected(dict):
+    """The sink of an in-memory run: the quantized weights by linear name (tests, library use)."""
+
+    def write_block(self, index: int, quantized: dict, floats: dict) -> None:
+        self.update(quantized)
+
+
 @torch.no_grad()  # nothing here needs autograd, and a graph behind a result keeps its float weight alive
 def run_layers(model: nn.Module, adapter: ArchAdapter, solver: Solver, targets: set[str],
                samples: torch.Tensor | None = None, device: str | torch.device = "cpu",
-               batch_tokens: int = 4096, progress: bool = True, workdir=None) -> dict[str, QuantizedWeight]:
-    """Quantize the linears named in `targets` (full names), block by block; weights are written back
-    dequantized so the model in memory behaves as the packed one will. Returns QuantizedWeights on CPU.
+               batch_tokens: int = 4096, progress: bool = True, workdir=None, sink=None, checkpoint=None):
+    """Quantize the linears named in `targets` (full names), block by block, and hand each finished block to
+    `sink` (`write_block(index, quantized, floats)`: its QuantizedWeights on CPU, and its other parameters
+    in the model's dtype). Returns the sink; by default a `Collected` dict of the quantized weights.
 
-    With a `workdir` (resume.WorkDir), each finished block is recorded durably, and blocks already
-    recorded there are restored instead of solved again (their quantized weights and, since a solver
-    may change them, e.g. AWQ's folded norms, their other parameters).
+    With a `checkpoint` (models.checkpoint), `model` is its skeleton on the meta device: the embedding is
+    read for the calibration inputs and each block right before it is solved, and both are released
+    afterwards. Without one, `model` is in memory and its quantized weights are written back dequantized,
+    so it behaves as the packed model will. With a `workdir` (resume.WorkDir), each finished block is
+    recorded durably, and blocks already recorded there are handed to the sink instead of solved again.
     """
     device = torch.device(device)
+    sink = Collected() if sink is None else sink
     blocks = adapter.blocks(model)
     model_dtype = next(model.parameters()).dtype
     compute_dtype = torch.float32 if device.type == "cpu" else model_dtype
     done = workdir.completed() if workdir is not None else 0
-    results: dict[str, QuantizedWeight] = {}
     for index in range(done):
         quantized, report, floats = workdir.load(index)
-        block = blocks[index].to(dtype=compute_dtype)
-        for name, qw in quantized.items():
-            _write_back(model.get_submodule(name), qw, compute_dtype)
-        block.to(dtype=model_dtype)
-        with torch.no_grad():
-            for name, value in floats.items():
-                model.get_parameter(name).copy_(value)
-        results.update(quantized)
+        if checkpoint is None:  # the model in memory computes with what was recorded
+            _restore(model, quantized, floats, compute_dtype)
         solver.report.update(report)
+        sink.write_block(index, quantized, floats)
     inputs, batch = None, None
     if solver.calibrated and done < len(blocks):
         if samples is None:
             raise ValueError("this solver needs calibration samples")
+        embedding = model.get_input_embeddings()
+        if checkpoint is not None:
+            checkpoint.materialize(embedding, _prefix_of(model, embedding))
         inputs = capture_inputs(model, adapter, samples, device, compute_dtype)
+        if checkpoint is not None:
+            checkpoint.release(embedding)
         if getattr(solver, "float_targets", False) or getattr(solver, "tunes_blocks", False):
             inputs.reference = inputs.hidden.clone()
         if done:
@@ -328,22 +338,64 @@ def run_layers(model: nn.Module, adapter: ArchAdapter, solver: Solver, targets: 
                 for name, stream in _streams(inputs).items():
                     stream.copy_(state[name])
         batch = max(1, batch_tokens // samples.shape[1])
-    bar = tqdm(range(len(blocks)), desc="quantizing", unit="block", disable=not progress, initial=done)
-    for index in range(done, len(blocks)):
-        block = blocks[index]
-        prefix = adapter.block_prefix(index)
-        block.to(device=device, dtype=compute_dtype)
-        if hasattr(solver, "prepare_block"):  # e.g. AWQ: search and fold scales before anything is rounded
-            solver.prepare_block(block, prefix, inputs, batch)
-        block_results = _solve_block(block, prefix, adapter, solver, targets, inputs, batch, compute_dtype)
-        block.to(device="cpu", dtype=model_dtype)
-        results.update(block_results)
-        if workdir is not None:
-            floats = {prefix + n: p for n, p in block.named_parameters()
-                      if not (n.endswith(".weight") and prefix + n.removesuffix(".weight") in block_results)}
-            workdir.save(index, block_results, {n: solver.report[n] for n in block_results if n in solver.report},
-                         _streams(inputs), floats)
-        bar.update()
-    bar.close()
-    return results
+    run = _Run(adapter, solver, targets, inputs, batch, device, compute_dtype, model_dtype, workdir, sink, checkpoint)
+    with tqdm(total=len(blocks), desc="quantizing", unit="block", disable=not progress, initial=done) as bar:
+        for index in range(done, len(blocks)):
+            _quantize_block(blocks[index], index, run)
+            bar.update()
+    return sink
 
+
+@dataclass
+class _Run:
+    """What every block of one run is solved with."""
+
+    adapter: ArchAdapter
+    solver: Solver
+    targets: set[str]
+    inputs: BlockInputs | None
+    batch: int | None
+    device: torch.device
+    compute_dtype: torch.dtype
+    model_dtype: torch.dtype
+    workdir: object
+    sink: object
+    checkpoint: object
+
+
+def _quantize_block(block: nn.Module, index: int, run: _Run) -> None:
+    """Read (when streaming), solve, record and hand one decoder block to the sink, then release it."""
+    prefix = run.adapter.block_prefix(index)
+    if run.checkpoint is not None:
+        run.checkpoint.materialize(block, prefix, run.device, run.compute_dtype)
+    block.to(device=run.device, dtype=run.compute_dtype)
+    if hasattr(run.solver, "prepare_block"):  # e.g. AWQ: search and fold scales before anything is rounded
+        run.solver.prepare_block(block, prefix, run.inputs, run.batch)
+    results = _solve_block(block, prefix, run.adapter, run.solver, run.targets, run.inputs, run.batch,
+                           run.compute_dtype)
+    block.to(device="cpu", dtype=run.model_dtype)
+    floats = {prefix + n: p.detach() for n, p in block.named_parameters()
+              if not (n.endswith(".weight") and prefix + n.removesuffix(".weight") in results)}
+    if run.workdir is not None:
+        run.workdir.save(index, results, {n: run.solver.report[n] for n in results if n in run.solver.report},
+                         _streams(run.inputs), floats)
+    run.sink.write_block(index, results, floats)
+    if run.checkpoint is not None:
+        run.checkpoint.release(block)
+
+
+def _prefix_of(model: nn.Module, module: nn.Module) -> str:
+    """`module`'s full name in `model`, with the trailing dot its parameters' names take."""
+    return next(name for name, m in model.named_modules() if m is module) + "."
+
+
+def _restore(model: nn.Module, quantized: dict, floats: dict, compute_dtype: torch.dtype) -> None:
+    """Put a recorded block back into the in-memory model: quantized weights dequantized, other parameters."""
+    for name, qw in quantized.items():
+        linear = model.get_submodule(name)
+        dtype = linear.weight.dtype
+        linear.to(compute_dtype)
+        _write_back(linear, qw, compute_dtype)
+        linear.to(dtype)
+    for name, value in floats.items():
+        model.get_parameter(name).copy_(value)

@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 
 import llmquant
 from llmquant.errors import UserError
-from llmquant.formats import atomic, hf
+from llmquant.formats import atomic, hf, shards
 from llmquant.formats.hf import gptq_config, save_quantized
 from llmquant.models.loader import load_float_model
 from llmquant.nn.qlinear import QuantLinear
@@ -101,7 +101,7 @@ def test_failed_write_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(hf, "save_file", disk_full)
+    monkeypatch.setattr(shards.os, "pwrite", disk_full)
     with pytest.raises(UserError, match="No space left on device"):
         save_quantized(tmp_path / "q", model, quantized, src, gptq_config(4, 32, True))
     assert list(tmp_path.iterdir()) == []
@@ -109,7 +109,7 @@ def test_failed_write_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(hf, "save_file", interrupted)
+    monkeypatch.setattr(shards.os, "pwrite", interrupted)
     with pytest.raises(KeyboardInterrupt):
         save_quantized(tmp_path / "q", model, quantized, src, gptq_config(4, 32, True))
     assert list(tmp_path.iterdir()) == []

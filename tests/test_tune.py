@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 
-from llmquant.api import QuantConfig, make_solver
+from llmquant.api import QuantConfig
+from llmquant.methods import make_solver
 from llmquant.models.loader import load_float_model
 from llmquant.quant.gptq import GPTQSolver, Hessian, gptq
 from llmquant.quant.grid import QuantSpec

@@ -16,7 +16,6 @@ from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .. import __version__
 from ..errors import UserError
@@ -24,6 +23,7 @@ from ..nn.qlinear import QuantLinear
 from ..quant.grid import SUPPORTED_BITS, QuantizedWeight
 from .atomic import atomic_directory
 from .pack import pack_awq, pack_gptq, unpack_awq
+from .shards import Planned, ShardedWriter
 
 PACKED = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales")}
 PACKERS = {"gptq": pack_gptq, "awq": pack_awq}
@@ -79,53 +79,77 @@ def _autoawq_config(q: dict) -> dict:
     return out
 
 
-def _unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+FIELD_DTYPES = {"qweight": torch.int32, "qzeros": torch.int32, "scales": torch.float16, "g_idx": torch.int32}
+
+
+def unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """State dict without the second name of tied tensors (safetensors stores each tensor once)."""
     seen, out = set(), {}
-    for name, tensor in model.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if key in seen:
-            continue
-        seen.add(key)
-        out[name] = tensor
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            out[name] = tensor
     return out
+
+
+class HFSink:
+    """A gptq or awq checkpoint folder written as the blocks finish: every tensor's place is fixed from
+    the model's shapes before the first block (formats/shards.py), each block's packed linears and
+    float parameters go to disk when it is done, the tensors outside the blocks (embedding, final norm,
+    lm_head) are read through `read` at the end, then the configs. `directory` is the atomic temporary."""
+
+    def __init__(self, directory: Path, state: dict[str, torch.Tensor], linears: list[str], quantization_config: dict,
+                 config: dict, source_dir: Path, read, max_shard_size: str | int = "4GB"):
+        q = quantization_config
+        self.directory, self.q, self.config, self.source_dir, self.read = Path(directory), q, config, source_dir, read
+        self.pack = PACKERS[q["quant_method"]]
+        packed = {f"{name}.weight" for name in linears}
+        plan = {n: Planned(t.dtype, t.shape) for n, t in state.items() if n not in packed}
+        for name in linears:
+            out_f, in_f = state[f"{name}.weight"].shape
+            for field, shape in _expected_shapes(in_f, out_f, q["bits"], q["group_size"], q["quant_method"]).items():
+                plan[f"{name}.{field}"] = Planned(FIELD_DTYPES[field], shape)
+        self.writer = ShardedWriter(self.directory, plan, max_shard_size)
+
+    def write_block(self, index: int, quantized: dict[str, QuantizedWeight], floats: dict[str, torch.Tensor]) -> None:
+        for name, qw in quantized.items():
+            for field, value in self.pack(qw).items():
+                self.writer.put(f"{name}.{field}", value)
+        for name, value in floats.items():
+            self.writer.put(name, value.to(self.writer.plan[name].dtype))
+
+    def finish(self, report: dict | None = None) -> None:
+        for name in sorted(self.writer.pending):
+            self.writer.put(name, self.read(name))
+        self.writer.close()
+        config = {**self.config, "quantization_config": self.q}
+        (self.directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        if self.q["quant_method"] == "awq":
+            (self.directory / "quant_config.json").write_text(json.dumps(_autoawq_config(self.q), indent=2))
+        else:
+            (self.directory / "quantize_config.json").write_text(json.dumps(self.q, indent=2))
+        if report is not None:
+            (self.directory / "quant_report.json").write_text(json.dumps(report, indent=2))
+        for name in COPIED:
+            if (Path(self.source_dir) / name).is_file():
+                shutil.copy2(Path(self.source_dir) / name, self.directory / name)
+
+    def abort(self) -> None:
+        self.writer.abort()
 
 
 def save_quantized(out_dir: Path, model: torch.nn.Module, quantized: dict[str, QuantizedWeight], source_dir: Path,
                    quantization_config: dict, force: bool = False, max_shard_size: str | int = "4GB",
                    report: dict | None = None) -> Path:
-    """Write the model with its quantized linears packed in the layout `quantization_config` names (gptq or
-    awq), atomically (see atomic.py); `report` (per-linear solver figures) goes beside the weights as
-    quant_report.json."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-
-    method = quantization_config["quant_method"]
-    pack = PACKERS[method]
-    tensors = _unique_state_dict(model)
-    for name, qw in quantized.items():
-        tensors.pop(f"{name}.weight")
-        tensors.update({f"{name}.{k}": v for k, v in pack(qw).items()})
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
-    config = model.config.to_dict()
-    config["quantization_config"] = quantization_config
+    """Write an in-memory model with its `quantized` linears packed in the layout `quantization_config` names
+    (gptq or awq), atomically (see atomic.py); `report` (per-linear solver figures) goes beside the weights as
+    quant_report.json. The same writer as a streamed run, fed all at once."""
+    state = unique_state(model)
     with atomic_directory(Path(out_dir), force) as tmp:
-        for filename, names in split.filename_to_tensors.items():
-            save_file({n: tensors[n] for n in names}, tmp / filename, metadata={"format": "pt"})
-        if split.is_sharded:
-            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                     "weight_map": split.tensor_to_filename}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        if method == "awq":
-            (tmp / "quant_config.json").write_text(json.dumps(_autoawq_config(quantization_config), indent=2))
-        else:
-            (tmp / "quantize_config.json").write_text(json.dumps(quantization_config, indent=2))
-        if report is not None:
-            (tmp / "quant_report.json").write_text(json.dumps(report, indent=2))
-        for name in COPIED:
-            if (Path(source_dir) / name).is_file():
-                shutil.copy2(Path(source_dir) / name, tmp / name)
+        sink = HFSink(tmp, state, list(quantized), quantization_config, model.config.to_dict(), source_dir,
+                      lambda name: state[name].detach(), max_shard_size)
+        sink.write_block(0, quantized, {})
+        sink.finish(report)
     return Path(out_dir)
 
 

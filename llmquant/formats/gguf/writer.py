@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from ...errors import UserError
-from ..atomic import atomic_file
 
 ARCHES = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2,
           "qwen3": gguf.MODEL_ARCH.QWEN3}
@@ -216,22 +215,88 @@ def _add_byte_level_bpe(w: gguf.GGUFWriter, model_dir: Path, tokenizer, tok_json
     w.add_token_types(types)
 
 
-def write_gguf(path: Path, arch: gguf.MODEL_ARCH, config, model_dir: Path, tokenizer, tensors: list[Tensor],
-               file_type: int, params: int, force: bool = False) -> None:
-    """Write everything at once into a temporary sibling, renamed into place when complete."""
-    with atomic_file(path, force) as tmp:
-        w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
+class GGUFSink:
+    """One GGUF file written as the blocks finish. Every tensor's name, type and size is known from the
+    model's shapes and the mix before the first block, so the header and tensor infos are written first;
+    then each tensor's bytes in file order as they become available: the embedding (read through `read`)
+    at once, each block's tensors when the block is done (quantized ones as the solver encoded them, the
+    rest encoded here), the final norm and output at the end; `outside` names the tensors outside the
+    blocks, which are read when their turn comes. At most one block is held."""
+
+    def __init__(self, path: Path, config, model_dir: Path, tokenizer, state: dict[str, torch.Tensor],
+                 types: dict[str, gguf.GGMLQuantizationType], names: dict[str, str], file_type: int, read,
+                 outside: set[str]):
+        self.config, self.names, self.types, self.read, self.outside = config, names, types, read, outside
+        self.arch = arch_of(config.model_type)
+        self.order = list(names)  # HF names in file order
+        self.ready: dict[str, torch.Tensor] = {}
+        self.params = sum(state[hf].numel() for hf in names)
+        self.weight_bytes = 0
+        w = self.writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[self.arch])
         # general.*: name, base name, size label, fine-tune, license... from the checkpoint's card and config
-        provenance = gguf.Metadata.load(model_path=model_dir, total_params=params)
+        provenance = gguf.Metadata.load(model_path=model_dir, total_params=self.params)
         provenance.quantized_by = "llmquant"
         provenance.set_gguf_meta_model(w)
         extra = add_hyperparameters(w, config)
         w.add_file_type(file_type)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_tokenizer(w, model_dir, tokenizer, config.vocab_size)
-        for t in [*extra, *tensors]:
-            w.add_tensor(t.name, t.data, raw_dtype=t.type)
+        for t in extra:
+            w.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, raw_dtype=t.type)
+        for hf in self.order:
+            kind, shape = types[names[hf]], tuple(state[hf].shape)
+            row = gguf.quant_shape_to_byte_shape(shape, kind) if len(shape) > 1 else (shape[0] * _type_bytes(kind),)
+            w.add_tensor_info(names[hf], row, np.dtype(np.uint8), math.prod(row), raw_dtype=kind)
         w.write_header_to_file()
         w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        w.write_ti_data_to_file()
+        for t in extra:
+            w.write_tensor_data(t.data)
+        self._drain()
+
+    def write_block(self, index: int, quantized: dict, floats: dict[str, torch.Tensor]) -> None:
+        """The block's tensors, quantized (BlockTensors by module name) and float (by tensor name)."""
+        self.ready.update({f"{name}.weight": qw.data for name, qw in quantized.items()})
+        self.ready.update({name: self._encode(name, value) for name, value in floats.items() if name in self.names})
+        self._drain()
+
+    def _encode(self, hf: str, value: torch.Tensor) -> torch.Tensor:
+        from .quants import FORMATS
+
+        return FORMATS[self.types[self.names[hf]].name].quantize(value.float())
+
+    def _drain(self) -> None:
+        """Write every tensor whose turn has come and whose bytes exist; tensors outside the blocks are read."""
+        while self.order:
+            hf = self.order[0]
+            if hf in self.ready:
+                data = self.ready.pop(hf)
+            elif hf in self.outside:
+                data = self._encode(hf, self.read(hf))
+            else:
+                return
+            heads = heads_of(hf, self.config)
+            if heads is not None and self.arch in PERMUTED:
+                data = permute_rows(data, heads)
+            array = data.contiguous().numpy()
+            self.writer.write_tensor_data(array)
+            self.weight_bytes += array.nbytes
+            self.order.pop(0)
+
+    def finish(self, report: dict | None = None) -> None:
+        self._drain()
+        if self.order:
+            raise ValueError(f"GGUF tensor '{self.names[self.order[0]]}' was never written")
+        self.writer.close()
+
+    def abort(self) -> None:
+        self.writer.close()
+
+    @property
+    def bpw(self) -> float:
+        return 8 * self.weight_bytes / self.params
+
+
+def _type_bytes(kind: gguf.GGMLQuantizationType) -> int:
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    return size // block

@@ -1,0 +1,150 @@
+"""The output formats, registered in one place. Each declares what it supports and checks its own options
+(`validate`), decides from the model's shapes alone which linears it quantizes (`plan`), and opens the sink
+the pipeline hands each finished block to (`open`). Adding a format is one class here and its sink."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UserError
+
+
+@dataclass
+class Plan:
+    """What a run will write, fixed before any work."""
+
+    targets: list[str]  # full names of the linears to quantize, in block and solve order
+    skipped: list[str] = field(default_factory=list)  # linears the format cannot store quantized: kept in float
+    grid: object | None = None  # a solver onto the format's own grid (GGUF block types); None: the integer grid
+    types: dict = field(default_factory=dict)  # GGUF: tensor name -> block type
+    names: dict = field(default_factory=dict)  # GGUF: HF tensor name -> GGUF name
+
+
+def packable(in_features: int, out_features: int, bits: int, layout: str = "gptq", group_size: int = -1) -> bool:
+    """Both layouts need whole int32 words along both dimensions; awq also needs whole groups (without a
+    g_idx it cannot describe a short last group)."""
+    words = in_features * bits % 32 == 0 and out_features * bits % 32 == 0
+    return words and (layout != "awq" or group_size == -1 or in_features % group_size == 0)
+
+
+def _block_linears(checkpoint) -> list[tuple[str, tuple[int, ...]]]:
+    """(full name, weight shape) of every linear the family's adapter names, block by block."""
+    adapter, shapes = checkpoint.adapter, checkpoint.state_shapes()
+    return [(adapter.block_prefix(i) + name, tuple(shapes[adapter.block_prefix(i) + name + ".weight"].shape))
+            for i in range(len(adapter.blocks(checkpoint.model))) for name in adapter.linears()]
+
+
+class IntegerLayout:
+    """Packed safetensors checkpoints: the gptq layout (any of 2/3/4/8 bits, g_idx) or AWQ's GEMM layout."""
+
+    single_file = False
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def validate(self, config) -> None:
+        if config.method == "imatrix":
+            raise UserError("--method imatrix weights GGUF block fits; use it with --format gguf")
+        if config.tensor_types or config.gguf_type != "Q4_K_M":
+            raise UserError("--gguf-type and --tensor-type belong to --format gguf")
+        if self.name == "awq" and config.bits != 4:
+            raise UserError(f"the awq (GEMM) format stores 4-bit weights only, not {config.bits}; "
+                            f"use --bits 4 or --format gptq")
+        act_order, static_groups = config.gptq_order()
+        if self.name == "awq" and act_order and not static_groups:
+            raise UserError("the awq format has no g_idx: with --format awq, --act-order needs static groups")
+
+    def plan(self, checkpoint, config) -> Plan:
+        spec, plan = config.spec(), Plan([])
+        for name, (out_f, in_f) in _block_linears(checkpoint):
+            fits = packable(in_f, out_f, spec.bits, self.name, spec.group_size)
+            (plan.targets if fits else plan.skipped).append(name)
+        return plan
+
+    def open(self, tmp: Path, checkpoint, config, plan: Plan, tokenizer, source: str):
+        from .hf import HFSink, awq_config, gptq_config
+
+        spec = config.spec()
+        if self.name == "awq":
+            q = awq_config(spec.group_size, spec.sym, method=config.method, skipped=plan.skipped, clip=spec.clip,
+                           source=source)
+        else:
+            act_order, static_groups = config.gptq_order()
+            q = gptq_config(spec.bits, spec.group_size, spec.sym, desc_act=act_order and not static_groups,
+                            method=config.method, skipped=plan.skipped, clip=spec.clip, source=source,
+                            damp_percent=config.damp, static_groups=static_groups,
+                            block_linears=checkpoint.adapter.linears(),
+                            blocks=len(checkpoint.adapter.blocks(checkpoint.model)))
+        return HFSink(tmp, checkpoint.state_shapes(), plan.targets, q, checkpoint.model.config.to_dict(),
+                      checkpoint.path, checkpoint.read)
+
+    def figures(self, out: Path, sink) -> dict:
+        from .hf import describe
+
+        info = describe(out)
+        return {"size_bytes": info["size_bytes"], "bpw": info["bpw"]}
+
+
+GGUF_METHODS = ("rtn", "imatrix", "gptq", "awq")
+GGUF_MODE = {"rtn": "reference", "imatrix": "imatrix", "gptq": "gptq", "awq": "reference"}
+
+
+class GGUFFile:
+    """One llama.cpp GGUF file with a named mix of block types (Q4_K_M, ...)."""
+
+    name = "gguf"
+    single_file = True
+
+    def validate(self, config) -> None:
+        from .gguf.mixes import MIXES, parse_overrides
+
+        if config.method not in GGUF_METHODS:
+            raise UserError(f"--format gguf takes --method {', '.join(GGUF_METHODS)}, not {config.method}")
+        if config.gguf_type not in MIXES:
+            raise UserError(f"unknown --gguf-type '{config.gguf_type}'; choose one of {', '.join(MIXES)}")
+        parse_overrides(config.tensor_types)
+        if config.act_order or config.static_groups:
+            raise UserError("GGUF block fits solve columns in order: --act-order and --static-groups belong to "
+                            "--format gptq or awq")
+
+    def plan(self, checkpoint, config) -> Plan:
+        from ..quant.blocks import BlockSolver
+        from .gguf.mixes import TensorInfo, parse_overrides, tensor_types
+        from .gguf.writer import arch_of, gguf_name
+
+        cfg, shapes = checkpoint.model.config, checkpoint.state_shapes()
+        arch = arch_of(cfg.model_type)
+        names = {hf: gguf_name(hf, arch, cfg.num_hidden_layers) for hf in shapes}
+        infos = [TensorInfo(g, tuple(shapes[hf].shape)) for hf, g in names.items()]
+        n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        types = tensor_types(infos, config.gguf_type, cfg.num_attention_heads // n_kv, checkpoint.tied,
+                             has_imatrix=config.method != "rtn", overrides=parse_overrides(config.tensor_types))
+        linears = [name for name, _ in _block_linears(checkpoint)]
+        linear_types = {name: types[names[name + ".weight"]] for name in linears}
+        grid = BlockSolver(linear_types, GGUF_MODE[config.method], config.damp, config.float_targets)
+        return Plan(linears, grid=grid, types=types, names=names)
+
+    def open(self, tmp: Path, checkpoint, config, plan: Plan, tokenizer, source: str):
+        from .gguf.mixes import MIXES
+        from .gguf.writer import GGUFSink
+
+        adapter = checkpoint.adapter
+        blocks = range(len(adapter.blocks(checkpoint.model)))
+        outside = {n for n in plan.names if not any(n.startswith(adapter.block_prefix(i)) for i in blocks)}
+        return GGUFSink(tmp, checkpoint.model.config, checkpoint.path, tokenizer, checkpoint.state_shapes(),
+                        plan.types, plan.names, MIXES[config.gguf_type][0], checkpoint.read, outside)
+
+    def figures(self, out: Path, sink) -> dict:
+        return {"size_bytes": out.stat().st_size, "bpw": sink.bpw,
+                "gguf_types": {g: t.name for g, t in sink.types.items()}}
+
+
+FORMATS = {"gptq": IntegerLayout("gptq"), "awq": IntegerLayout("awq"), "gguf": GGUFFile()}
+
+
+def format_for(name: str):
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise UserError(f"unknown format '{name}'; choose one of {', '.join(FORMATS)}") from None

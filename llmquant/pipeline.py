@@ -1,0 +1,111 @@
+"""The one quantization pipeline: checkpoint -> calibration -> runner -> solver -> sink -> file.
+
+The float checkpoint is never loaded whole: its skeleton lives on the meta device and the runner reads
+each decoder block from the shards right before solving it. The output format is a sink (see
+formats/registry.py) that the runner hands each finished block to; it writes into a hidden temporary
+that replaces `out` only when complete.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .config import QuantConfig, QuantReport
+from .errors import UserError
+from .formats.atomic import atomic_directory, atomic_file, check_destination
+from .formats.registry import format_for
+from .methods import make_solver
+from .models.checkpoint import Checkpoint
+from .runner import run_layers
+
+
+def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: bool = False,
+             progress: bool = True, work_dir: str | Path | None = None, resume: bool = False) -> QuantReport:
+    """Quantize a float checkpoint (directory, Hub id or 'demo') and write the packed result to `out`.
+
+    With `work_dir`, every finished block is kept there durably; `resume` continues such a run.
+    """
+    config.validate()
+    fmt = format_for(config.format)
+    if resume and work_dir is None:
+        raise UserError("--resume needs the --work-dir of the run to continue")
+    out = Path(out)
+    check_paths(model, out, work_dir)
+    check_destination(out, force, directory=not fmt.single_file)
+    start = time.perf_counter()
+    checkpoint = Checkpoint(model)
+    adapter = checkpoint.adapter
+    if config.method.startswith("awq") and not adapter.scaling_pairs:
+        raise UserError(f"--method {config.method} needs AWQ scaling pairs (previous op -> linears), and the "
+                        f"{adapter.family} adapter defines none; use --method rtn or gptq")
+    plan = fmt.plan(checkpoint, config)
+    solver = make_solver(config, config.spec(), adapter.scaling_pairs, set(plan.targets), inner=plan.grid)
+    if plan.skipped:
+        import warnings
+
+        warnings.warn(f"{len(plan.skipped)} linears have widths the {config.format} layout cannot pack at "
+                      f"{config.bits} bits and stay in float (first: {plan.skipped[0]})")
+    tokenizer = checkpoint.tokenizer()
+    samples = calibration_samples(config, checkpoint, tokenizer) if solver.calibrated else None
+    workdir = open_workdir(work_dir, resume, checkpoint.path, samples, config)
+    destination = atomic_file if fmt.single_file else atomic_directory
+    with destination(out, force) as tmp:
+        sink = fmt.open(tmp, checkpoint, config, plan, tokenizer, str(model))
+        try:
+            run_layers(checkpoint.model, adapter, solver, set(plan.targets), samples, config.device,
+                       progress=progress, workdir=workdir, sink=sink, checkpoint=checkpoint)
+            sink.finish({"method": config.method, "linears": solver.report} if solver.report else None)
+        except BaseException:
+            sink.abort()
+            raise
+    figures = fmt.figures(out, sink)
+    return QuantReport(str(out), config.method, config.bits, config.group_size, config.sym,
+                       time.perf_counter() - start, figures["size_bytes"], figures["bpw"], len(plan.targets),
+                       plan.skipped, gguf_types=figures.get("gguf_types"))
+
+
+def calibration_samples(config: QuantConfig, checkpoint: Checkpoint, tokenizer) -> torch.Tensor:
+    """config's calibration windows, no longer than the model's context. `self` calibration generates text
+    with the model, so only that source loads the whole float model."""
+    from .calibration import SELF, load_samples
+
+    seqlen = min(config.seqlen, getattr(checkpoint.config, "max_position_embeddings", config.seqlen))
+    model = None
+    if config.calib == SELF:
+        from .models.loader import load_float_model
+
+        model = load_float_model(checkpoint.path)[0]
+    return load_samples(config.calib or "wikitext2", tokenizer, config.n_samples, seqlen, config.seed, model=model)
+
+
+def check_paths(model: str | Path, out: Path, work_dir: str | Path | None) -> None:
+    """Refuse, before any work, output and work paths that would fail at the end or destroy an input:
+    the output replaces whatever is at `out` when the run ends, and nothing is ever written into the model."""
+    out = out.resolve()
+    source = Path(model).resolve() if Path(model).exists() else None
+    if source is not None and (source == out or out in source.parents or source in out.parents):
+        raise UserError(f"--out {out} would replace the model being quantized, or write into it; choose another path")
+    if work_dir is not None:
+        work = Path(work_dir).resolve()
+        if work.exists() and not work.is_dir():
+            raise UserError(f"--work-dir {work} exists and is not a directory")
+        if work == out or out in work.parents:
+            raise UserError(f"--work-dir {work} lies inside --out, which is replaced when the run ends; "
+                            f"choose a work directory elsewhere")
+        if source is not None and (work == source or source in work.parents):
+            raise UserError(f"--work-dir {work} lies inside the model being quantized; choose a work directory "
+                            f"elsewhere")
+
+
+def open_workdir(work_dir: str | Path | None, resume: bool, source: Path, samples: torch.Tensor | None,
+                 config: QuantConfig):
+    """The run's resume.WorkDir, fingerprinted by model, calibration and settings; None without one."""
+    if work_dir is None:
+        return None
+    from .resume import WorkDir, fingerprint
+
+    return WorkDir(Path(work_dir), fingerprint(source, samples, asdict(config)), resume)
