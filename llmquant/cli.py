@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--group-size then only steer AWQ's search) (default: gptq)")
     q.add_argument("--out", required=True, help="output directory, or file for --format gguf (written atomically)")
     q.add_argument("--device", default="cpu", help="where blocks are quantized: cpu | cuda (default: cpu)")
+    q.add_argument("--max-memory", metavar="SIZE",
+                   help="host memory the run may hold, e.g. 2GB or 1500MiB: the model is read one decoder block "
+                        "at a time, and calibration activations that do not fit beside it are memory-mapped "
+                        "in --work-dir (or a hidden folder beside --out) (default: 80%% of the available memory)")
     q.add_argument("--force", action="store_true", help="replace --out if it exists")
     q.add_argument("--work-dir", help="keep a durable record of every finished block here, so an interrupted "
                                       "run can continue with --resume")

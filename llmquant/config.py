@@ -27,6 +27,7 @@ class QuantConfig:
     seqlen: int = 2048
     seed: int = 0
     device: str = "cpu"
+    max_memory: str | None = None  # host memory the run may hold, e.g. "2GB"; None: 80% of what is available
     # GPTQ (act_order, static_groups: None = the method's default, see gptq_order)
     act_order: bool | None = None
     static_groups: bool | None = None
@@ -85,6 +86,10 @@ class QuantConfig:
         if self.block_size < 1:
             raise UserError(f"--block-size must be positive, not {self.block_size}")
         check_device(self.device)
+        if self.max_memory is not None:
+            from .memory import parse_size
+
+            parse_size(self.max_memory)
         fmt.validate(self)
 
     def gptq_order(self) -> tuple[bool, bool]:

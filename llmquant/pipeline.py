@@ -8,6 +8,8 @@ that replaces `out` only when complete.
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,9 +20,10 @@ from .config import QuantConfig, QuantReport
 from .errors import UserError
 from .formats.atomic import atomic_directory, atomic_file, check_destination
 from .formats.registry import format_for
+from .memory import Budget, default_budget, parse_size
 from .methods import make_solver
 from .models.checkpoint import Checkpoint
-from .runner import run_layers
+from .runner import BATCH_TOKENS, run_layers
 
 
 def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: bool = False,
@@ -51,13 +54,15 @@ def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: boo
                       f"{config.bits} bits and stay in float (first: {plan.skipped[0]})")
     tokenizer = checkpoint.tokenizer()
     samples = calibration_samples(config, checkpoint, tokenizer) if solver.calibrated else None
+    budget = memory_budget(config, checkpoint, solver.calibrated)
     workdir = open_workdir(work_dir, resume, checkpoint.path, samples, config)
     destination = atomic_file if fmt.single_file else atomic_directory
-    with destination(out, force) as tmp:
+    with destination(out, force) as tmp, spill_directory(work_dir, out) as spill:
         sink = fmt.open(tmp, checkpoint, config, plan, tokenizer, str(model))
         try:
             run_layers(checkpoint.model, adapter, solver, set(plan.targets), samples, config.device,
-                       progress=progress, workdir=workdir, sink=sink, checkpoint=checkpoint)
+                       progress=progress, workdir=workdir, sink=sink, checkpoint=checkpoint, budget=budget,
+                       spill_dir=spill)
             sink.finish({"method": config.method, "linears": solver.report} if solver.report else None)
         except BaseException:
             sink.abort()
@@ -66,6 +71,31 @@ def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: boo
     return QuantReport(str(out), config.method, config.bits, config.group_size, config.sym,
                        time.perf_counter() - start, figures["size_bytes"], figures["bpw"], len(plan.targets),
                        plan.skipped, gguf_types=figures.get("gguf_types"))
+
+
+def memory_budget(config: QuantConfig, checkpoint: Checkpoint, calibrated: bool) -> Budget:
+    """The run's host-memory budget; refuses one too small for a single block before any work."""
+    adapter, model = checkpoint.adapter, checkpoint.model
+    block = adapter.blocks(model)[0]
+    params = sum(p.numel() for p in block.parameters())
+    widest = max((m.in_features for m in block.modules() if isinstance(m, torch.nn.Linear)), default=0)
+    solver_bytes = 2 * widest * widest * 4 if calibrated else 0  # a Hessian and its inverse, float32
+    limit = parse_size(config.max_memory) if config.max_memory else default_budget()
+    budget = Budget(limit, params, solver_bytes)
+    budget.check_block(BATCH_TOKENS * checkpoint.config.hidden_size * 4 if calibrated else 0)
+    return budget
+
+
+@contextlib.contextmanager
+def spill_directory(work_dir: str | Path | None, out: Path):
+    """Where activations beyond the budget are memory-mapped: the work dir, else a hidden temporary beside
+    the output, removed at the end."""
+    if work_dir is not None:
+        yield Path(work_dir)
+        return
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".activations", dir=out.absolute().parent) as d:
+        yield Path(d)
 
 
 def calibration_samples(config: QuantConfig, checkpoint: Checkpoint, tokenizer) -> torch.Tensor:
@@ -108,4 +138,5 @@ def open_workdir(work_dir: str | Path | None, resume: bool, source: Path, sample
         return None
     from .resume import WorkDir, fingerprint
 
-    return WorkDir(Path(work_dir), fingerprint(source, samples, asdict(config)), resume)
+    settings = {k: v for k, v in asdict(config).items() if k != "max_memory"}  # where, not what, it computes
+    return WorkDir(Path(work_dir), fingerprint(source, samples, settings), resume)

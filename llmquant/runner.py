@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -23,6 +23,9 @@ from tqdm.auto import tqdm
 
 from .models.adapters import ArchAdapter
 from .quant.grid import QuantizedWeight
+
+
+BATCH_TOKENS = 4096  # calibration tokens per forward batch
 
 
 class Observer(Protocol):
@@ -85,27 +88,45 @@ class BlockInputs:
     hidden: torch.Tensor  # [N, L, H] on the work device, compute dtype
     kwargs: dict  # captured at batch size 1; broadcast over any batch
     reference: torch.Tensor | None = None  # the float model's hidden states at the same block (float targets)
+    mapped: list = field(default_factory=list)  # memory.MappedTensors behind hidden / reference, if on disk
+    spare: int | None = None  # host bytes the run's budget leaves for optional records (None: ask the system)
+
+    def trim(self) -> None:
+        """After a batch: the pages of memory-mapped streams go back to the system."""
+        for stream in self.mapped:
+            stream.trim()
 
 
 @torch.inference_mode()
-def capture_inputs(model: nn.Module, adapter: ArchAdapter, samples: torch.Tensor, device, dtype) -> BlockInputs:
-    """Run the model up to block 0 for each sample (on the model's own device, cheap: embeddings only)."""
+def capture_inputs(model: nn.Module, adapter: ArchAdapter, samples: torch.Tensor, device, dtype,
+                   allocate=None) -> BlockInputs:
+    """Run the model up to block 0 for each sample (on the model's own device, cheap: embeddings only).
+    `allocate(name, shape, dtype)` gives the tensor the hidden states are kept in and the MappedTensor behind
+    it, if any (default: a tensor in memory on `device`)."""
     blocks = adapter.blocks(model)
     catcher = _Catcher(blocks[0])
     blocks[0] = catcher
-    hidden = []
+    hidden, mapped = None, []
     try:
         for i in range(samples.shape[0]):
             try:
                 model(samples[i:i + 1], use_cache=False)
             except _Captured:
                 pass
-            hidden.append(catcher.hidden.to(device=device, dtype=dtype))
+            if hidden is None:
+                shape = (samples.shape[0], *catcher.hidden.shape[1:])
+                hidden, backing = (allocate or _in_memory(device))("hidden", shape, dtype)
+                mapped += [backing] if backing is not None else []
+            hidden[i:i + 1] = catcher.hidden.to(device=device, dtype=dtype)
     finally:
         blocks[0] = catcher.block
     drop = {"past_key_values", "past_key_value", "use_cache", "output_attentions"}
     kwargs = {k: _move(v, device, dtype) for k, v in catcher.kwargs.items() if k not in drop}
-    return BlockInputs(torch.cat(hidden), kwargs)
+    return BlockInputs(hidden, kwargs, mapped=mapped)
+
+
+def _in_memory(device):
+    return lambda name, shape, dtype: (torch.empty(shape, device=device, dtype=dtype), None)
 
 
 class _Replay(nn.Module):
@@ -151,6 +172,7 @@ def forward_block(block: nn.Module, inputs: BlockInputs, batch: int, update: boo
                 continue
             if update:
                 hidden[start:start + batch] = out[0] if isinstance(out, tuple) else out
+        inputs.trim()
 
 
 def _observe_then_stop(observer: Observer, kept: list | None = None, record: list | None = None):
@@ -194,10 +216,12 @@ def _replay_finished(block: nn.Module, adapter: ArchAdapter, solved: set[str], t
             setattr(block, name, _Replay(child, tail and child.get_submodule(tail), kept, with_weights))
 
 
-def _room_for(nbytes: int, device: torch.device) -> bool:
+def _room_for(nbytes: int, device: torch.device, spare: int | None) -> bool:
     """Whether keeping `nbytes` more on `device` leaves at least as much free (replay records are optional)."""
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
+    elif spare is not None:
+        free = spare
     else:
         try:
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -237,7 +261,7 @@ def _solve_block(block: nn.Module, prefix: str, adapter: ArchAdapter, solver: So
                 if len(names) == 1 and first in tails:
                     width = inputs.hidden.shape[0] * inputs.hidden.shape[1] * linears[first].in_features
                     if _room_for(width * inputs.hidden.element_size() * (1 + (observed is not None)),
-                                 inputs.hidden.device):
+                                 inputs.hidden.device, inputs.spare):
                         records = {m: tail_inputs.setdefault(m, {}).setdefault(first, [])
                                    for m in (block, observed) if m is not None}
                 hooks = [linears[first].register_forward_pre_hook(
@@ -297,7 +321,8 @@ class Collected(dict):
 @torch.no_grad()  # nothing here needs autograd, and a graph behind a result keeps its float weight alive
 def run_layers(model: nn.Module, adapter: ArchAdapter, solver: Solver, targets: set[str],
                samples: torch.Tensor | None = None, device: str | torch.device = "cpu",
-               batch_tokens: int = 4096, progress: bool = True, workdir=None, sink=None, checkpoint=None):
+               batch_tokens: int = BATCH_TOKENS, progress: bool = True, workdir=None, sink=None, checkpoint=None,
+               budget=None, spill_dir=None):
     """Quantize the linears named in `targets` (full names), block by block, and hand each finished block to
     `sink` (`write_block(index, quantized, floats)`: its QuantizedWeights on CPU, and its other parameters
     in the model's dtype). Returns the sink; by default a `Collected` dict of the quantized weights.
@@ -307,6 +332,8 @@ def run_layers(model: nn.Module, adapter: ArchAdapter, solver: Solver, targets: 
     afterwards. Without one, `model` is in memory and its quantized weights are written back dequantized,
     so it behaves as the packed model will. With a `workdir` (resume.WorkDir), each finished block is
     recorded durably, and blocks already recorded there are handed to the sink instead of solved again.
+    With a `budget` (memory.Budget), the calibration activations stay in memory only while they fit in it;
+    otherwise they are memory-mapped files in `spill_dir`.
     """
     device = torch.device(device)
     sink = Collected() if sink is None else sink
@@ -327,23 +354,54 @@ def run_layers(model: nn.Module, adapter: ArchAdapter, solver: Solver, targets: 
         embedding = model.get_input_embeddings()
         if checkpoint is not None:
             checkpoint.materialize(embedding, _prefix_of(model, embedding))
-        inputs = capture_inputs(model, adapter, samples, device, compute_dtype)
+        streams = 1 + (getattr(solver, "float_targets", False) or getattr(solver, "tunes_blocks", False))
+        allocate = _allocator(budget, spill_dir, streams, progress) if budget and device.type == "cpu" else None
+        inputs = capture_inputs(model, adapter, samples, device, compute_dtype, allocate)
         if checkpoint is not None:
             checkpoint.release(embedding)
-        if getattr(solver, "float_targets", False) or getattr(solver, "tunes_blocks", False):
-            inputs.reference = inputs.hidden.clone()
+        if streams > 1:
+            inputs.reference, backing = (allocate or _in_memory(device))("reference", inputs.hidden.shape,
+                                                                         compute_dtype)
+            inputs.reference.copy_(inputs.hidden)
+            inputs.mapped += [backing] if backing is not None else []
+        batch = max(1, batch_tokens // samples.shape[1])
+        if budget is not None:
+            inputs.spare = max(0, budget.limit - budget.used)
         if done:
             with torch.inference_mode():  # the captured activations are inference tensors
                 state = workdir.load_state(done - 1)
                 for name, stream in _streams(inputs).items():
                     stream.copy_(state[name])
-        batch = max(1, batch_tokens // samples.shape[1])
     run = _Run(adapter, solver, targets, inputs, batch, device, compute_dtype, model_dtype, workdir, sink, checkpoint)
     with tqdm(total=len(blocks), desc="quantizing", unit="block", disable=not progress, initial=done) as bar:
         for index in range(done, len(blocks)):
             _quantize_block(blocks[index], index, run)
             bar.update()
+    for stream in inputs.mapped if inputs is not None else []:
+        stream.close()
     return sink
+
+
+def _allocator(budget, spill_dir, streams: int, progress: bool):
+    """allocate(name, shape, dtype) for capture_inputs: in memory if all `streams` of that size fit in the
+    budget, else memory-mapped files in spill_dir. Says which on stderr."""
+    from .memory import MappedTensor
+
+    decided = {}
+
+    def allocate(name, shape, dtype):
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        if "in_memory" not in decided:
+            decided["in_memory"] = budget.take(streams * nbytes)
+            where = "in memory" if decided["in_memory"] else f"memory-mapped in {spill_dir}"
+            if progress:
+                tqdm.write(f"calibration activations: {streams * nbytes / 2**20:.0f} MiB, {where}")
+        if decided["in_memory"]:
+            return torch.empty(shape, dtype=dtype), None
+        if spill_dir is None:
+            raise ValueError("activations beyond the budget need a spill_dir")
+        mapped = MappedTensor(spill_dir, name, shape, dtype)
+        return mapped.tensor, mapped
 
 
 @dataclass

@@ -1,0 +1,103 @@
+"""The host-memory budget of a run (`--max-memory`): what one decoder block needs, and where the calibration
+activations live. They stay in RAM while they fit beside the block; otherwise they are memory-mapped
+files that are read and written a batch at a time, with each batch's pages handed back as soon as the
+batch is done, so resident memory stays near one block plus one batch however many samples there are.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+         "GIB": 2**30, "TIB": 2**40}
+BASE_BYTES = 600 * 2**20  # torch, transformers, the skeleton, the tokenizer: measured ~530 MiB before block 0
+BLOCK_FACTOR = 2.5  # peak while a block is solved, per byte of its float32 weights (measured 2.4, 1B shape, RTN)
+BATCH_FACTOR = 12  # a batch's working set per byte of its hidden states (attention and MLP intermediates)
+
+
+def parse_size(text: str) -> int:
+    """'2GB', '1.5GiB', '800MB' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?I?B?)\s*", str(text).upper())
+    if not match or match.group(2) not in UNITS:
+        raise UserError(f"--max-memory wants a size such as 2GB or 1500MiB, not '{text}'")
+    return int(float(match.group(1)) * UNITS[match.group(2)])
+
+
+def available_bytes() -> int:
+    """Memory the system can give this process now (MemAvailable), or 0 where that cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
+
+
+def default_budget() -> int:
+    """Four fifths of the memory available when the run starts."""
+    return int(0.8 * available_bytes())
+
+
+class Budget:
+    """Bytes this run may hold on the host, and what is already promised."""
+
+    def __init__(self, limit: int, block_params: int, solver_bytes: int):
+        self.limit = limit
+        self.block = BASE_BYTES + int(BLOCK_FACTOR * 4 * block_params) + solver_bytes
+        self.used = self.block
+
+    def check_block(self, batch_bytes: int) -> None:
+        need = self.block + BATCH_FACTOR * batch_bytes
+        if need > self.limit:
+            raise UserError(f"--max-memory {_gib(self.limit)} is too small: one decoder block and one batch of "
+                            f"activations need about {_gib(need)}")
+
+    def take(self, nbytes: int) -> bool:
+        """Promise `nbytes` more if they fit; False (and nothing promised) if not."""
+        if self.used + nbytes > self.limit:
+            return False
+        self.used += nbytes
+        return True
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+class MappedTensor:
+    """A tensor backed by a file in `directory`: the page cache holds it, not the process."""
+
+    def __init__(self, directory: Path, name: str, shape: tuple[int, ...], dtype: torch.dtype):
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        self.path = Path(directory) / f"{name}.activations"
+        with open(self.path, "w+b") as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, nbytes)
+            except OSError as err:
+                raise UserError(f"cannot hold the calibration activations in {self.path} "
+                                f"({nbytes / 2**20:.0f} MiB): {err.strerror or err}") from None
+            self.map = mmap.mmap(f.fileno(), nbytes)
+        self.tensor = torch.frombuffer(self.map, dtype=dtype).view(shape)
+
+    def trim(self) -> None:
+        """Hand the pages touched so far back to the system; the file keeps their contents."""
+        self.map.madvise(mmap.MADV_DONTNEED)
+
+    def close(self) -> None:
+        self.tensor = None
+        try:
+            self.map.close()
+        except BufferError:  # a view of it is still alive; the mapping goes with it
+            pass
+        self.path.unlink(missing_ok=True)
