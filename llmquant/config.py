@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .errors import UserError
-from .quant.grid import SUPPORTED_BITS, QuantSpec
+from .numerics.grid import SUPPORTED_BITS, QuantSpec
 
 METHODS = ("rtn", "gptq", "awq", "awq+gptq", "imatrix")
 AWQ_JUDGES = {"rtn": "rtn", "gptq": "inner", "block": "block"}  # --awq-search -> AWQSolver's judge

@@ -5,7 +5,7 @@ from __future__ import annotations
 from .config import AWQ_JUDGES, QuantConfig
 from .quant.awq import AWQSolver
 from .quant.gptq import GPTQSolver
-from .quant.grid import QuantSpec
+from .numerics.grid import QuantSpec
 from .quant.rtn import RTNSolver
 from .quant.tune import TuneSpec
 

@@ -23,7 +23,8 @@ from .formats.registry import format_for
 from .memory import Budget, default_budget, parse_size
 from .methods import make_solver
 from .models.checkpoint import Checkpoint
-from .runner import BATCH_TOKENS, run_layers
+from .activations import BATCH_TOKENS
+from .runner import run_layers
 
 
 def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: bool = False,

@@ -23,8 +23,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import UserError
-from .quant.blocks import BlockTensor
-from .quant.grid import QuantizedWeight
+from .numerics.ggml import BlockTensor
+from .numerics.grid import QuantizedWeight
+from .version import __version__
 
 FIELDS = ("codes", "scales", "zeros", "g_idx")
 RECORD = re.compile(r"block-(\d{5})\.safetensors")
@@ -41,7 +42,6 @@ def file_digest(path: Path, edge: int = 1 << 20) -> str:
 
 
 def fingerprint(model_dir: Path, samples: torch.Tensor | None, settings: dict) -> dict:
-    from . import __version__
 
     model = hashlib.sha256((Path(model_dir) / "config.json").read_bytes())
     for f in sorted(Path(model_dir).glob("*.safetensors")):

@@ -39,7 +39,7 @@ def build(shape: str, device: str, dtype: torch.dtype):
 def pack(model, bits: int, group_size: int):
     """Swap every decoder linear for a QuantLinear holding its RTN-quantized weight (in place)."""
     from llmquant.nn.qlinear import QuantLinear
-    from llmquant.quant.grid import QuantSpec
+    from llmquant.numerics.grid import QuantSpec
     from llmquant.quant.rtn import rtn
 
     spec = QuantSpec(bits, group_size, sym=True)

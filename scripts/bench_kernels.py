@@ -38,7 +38,7 @@ def _kernels():
 
 def _pack():
     sys.path.insert(0, str(ROOT))
-    from llmquant.formats.pack import pack_int32, unpack_int32
+    from llmquant.numerics.pack import pack_int32, unpack_int32
     return pack_int32, unpack_int32
 
 

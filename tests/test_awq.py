@@ -12,7 +12,7 @@ import llmquant
 from llmquant.api import QuantConfig, quantize
 from llmquant.cli import main
 from llmquant.errors import UserError
-from llmquant.formats.pack import AWQ_ORDER, pack_awq, unpack_awq
+from llmquant.numerics.pack import AWQ_ORDER, pack_awq, unpack_awq
 from llmquant.models import ADAPTERS
 from llmquant.models.loader import load_float_model
 from llmquant.nn.qlinear import QuantLinear
@@ -26,9 +26,9 @@ from llmquant.quant.awq import (
     search_scale,
 )
 from llmquant.quant.gptq import GPTQSolver, gptq
-from llmquant.quant.grid import QuantizedWeight, QuantSpec, default_g_idx
+from llmquant.numerics.grid import QuantizedWeight, QuantSpec, default_g_idx
 from llmquant.quant.rtn import RTNSolver, rtn
-from llmquant.runner import capture_inputs
+from llmquant.activations import capture_inputs
 
 SPECS = [QuantSpec(bits, group, sym, min_zero=0 if sym else 1)
          for bits, group, sym in [(2, 32, False), (3, 32, False), (4, 32, True), (8, -1, False), (4, -1, True)]]

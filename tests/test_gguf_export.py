@@ -121,7 +121,7 @@ def test_file_reads_the_same_in_gguf_and_transformers(family, wide_models, tmp_p
         if name.endswith("inv_freq"):
             continue
         assert torch.equal(value, theirs_state[name]), name
-    from llmquant.formats.gguf.quants import FORMATS
+    from llmquant.numerics.ggml import FORMATS
 
     t = names["blk.1.ffn_down.weight"]
     raw = np.array(t.data)  # [rows, row bytes]
@@ -144,7 +144,7 @@ def test_q8_0_file_scores_like_the_float_model(tiny_model_dir, tmp_path):
 
 def test_imatrix_lowers_the_activation_weighted_error(wide_models, tmp_path):
     """llama.cpp's imatrix objective: sum_j E[x_j^2] (W - Q)_ij^2. Weighting the fit by it must lower it."""
-    from llmquant.quant.blocks import SquareMean
+    from llmquant.quant.ggml_solver import SquareMean
 
     path = wide_models["llama"]
     calib = tmp_path / "calib.txt"

@@ -15,7 +15,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gq
 
 from llmquant.errors import UserError
-from llmquant.formats.gguf import FORMATS, quants
+from llmquant.numerics import ggml as quants
+from llmquant.numerics.ggml import FORMATS
 
 LEGACY = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from llmquant.quant.gptq import GPTQSolver, Hessian, gptq, prepare
-from llmquant.quant.grid import QuantSpec, fit
+from llmquant.numerics.grid import QuantSpec, fit
 from llmquant.quant.rtn import rtn
 
 

@@ -1,6 +1,6 @@
 """The gptq (v1) layout checked against an independent reader written from the published description.
 
-The oracle below shares no code with llmquant.formats.pack: it reads word by word and spells out
+The oracle below shares no code with llmquant.numerics.pack: it reads word by word and spells out
 the 3-bit "10-1-10-1-10" pattern field by field, as AutoGPTQ's qlinear_cuda_old.py describes it
 (10 whole codes, one code split 2 bits / 1 bit across the word boundary, 10 codes, one split
 1 bit / 2 bits, 10 codes). Loops over 32-code blocks are fine here: shapes are small, and a loop
@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from llmquant.formats.pack import pack_int32
-from llmquant.quant.grid import QuantizedWeight, default_g_idx
+from llmquant.numerics.pack import pack_int32
+from llmquant.numerics.grid import QuantizedWeight, default_g_idx
 
 U32 = 0xFFFFFFFF
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from llmquant.quant.grid import QuantSpec, default_g_idx, fit, fit_groups, quantize, round_to_grid
+from llmquant.numerics.grid import QuantSpec, default_g_idx, fit, fit_groups, quantize, round_to_grid
 from llmquant.quant.rtn import rtn
 
 

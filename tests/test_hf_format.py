@@ -11,7 +11,7 @@ from llmquant.formats import atomic, hf, shards
 from llmquant.formats.hf import gptq_config, save_quantized
 from llmquant.models.loader import load_float_model
 from llmquant.nn.qlinear import QuantLinear
-from llmquant.quant.grid import QuantSpec, default_g_idx, fit, quantize
+from llmquant.numerics.grid import QuantSpec, default_g_idx, fit, quantize
 
 
 def quantize_all(model, adapter, spec, act_order):

@@ -255,7 +255,7 @@ def test_pairwise_cases_cover_every_value():
 
 def test_reference_packing_matches_the_writer():
     """The reference layout here is the one llmquant's writer produces."""
-    from llmquant.formats.pack import pack_int32, unpack_int32
+    from llmquant.numerics.pack import pack_int32, unpack_int32
 
     gen = torch.Generator().manual_seed(fresh_seed())
     for bits in BITS:

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from llmquant.formats.pack import pack_gptq, pack_int32, unpack_gptq, unpack_int32
+from llmquant.numerics.pack import pack_gptq, pack_int32, unpack_gptq, unpack_int32
 from llmquant.nn.qlinear import QuantLinear
-from llmquant.quant.grid import QuantSpec, default_g_idx, fit, quantize
+from llmquant.numerics.grid import QuantSpec, default_g_idx, fit, quantize
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

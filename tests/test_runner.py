@@ -1,7 +1,7 @@
 import torch
 
 from llmquant.models.loader import load_float_model
-from llmquant.quant.grid import QuantSpec
+from llmquant.numerics.grid import QuantSpec
 from llmquant.quant.rtn import rtn
 from llmquant.runner import run_layers
 

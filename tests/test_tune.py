@@ -9,9 +9,10 @@ from llmquant.api import QuantConfig
 from llmquant.methods import make_solver
 from llmquant.models.loader import load_float_model
 from llmquant.quant.gptq import GPTQSolver, Hessian, gptq
-from llmquant.quant.grid import QuantSpec
+from llmquant.numerics.grid import QuantSpec
 from llmquant.quant.tune import TuneSpec
-from llmquant.runner import capture_inputs, run_layers
+from llmquant.activations import capture_inputs
+from llmquant.runner import run_layers
 
 SPEC = QuantSpec(2, 32, sym=False, min_zero=1)
 

@@ -12,17 +12,17 @@ import math
 import re
 import shutil
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
 
-from .. import __version__
 from ..errors import UserError
+from ..models.loader import tensor_headers
 from ..nn.qlinear import QuantLinear
-from ..quant.grid import SUPPORTED_BITS, QuantizedWeight
+from ..numerics.grid import SUPPORTED_BITS, QuantizedWeight
+from ..numerics.pack import pack_awq, pack_gptq, unpack_awq
+from ..version import __version__
 from .atomic import atomic_directory
-from .pack import pack_awq, pack_gptq, unpack_awq
 from .shards import Planned, ShardedWriter
 
 PACKED = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales")}
@@ -196,26 +196,6 @@ def weight_files(path: Path) -> list[Path]:
         if f.resolve().parent != path.resolve() or not f.is_file():
             raise UserError(f"{path}: weight file '{f.name}' is missing or outside the checkpoint")
     return files
-
-
-class TensorInfo(NamedTuple):
-    file: Path  # the shard holding it: a linear's packed fields may sit in different shards
-    shape: tuple[int, ...]
-    dtype: str  # safetensors' name: "I32", "F16", ...
-
-
-def tensor_headers(files: list[Path]) -> dict[str, TensorInfo]:
-    """Every tensor's shard, shape and dtype, from the headers alone; a malformed file is a UserError."""
-    infos = {}
-    for f in files:
-        try:
-            with safe_open(f, "pt") as handle:
-                for name in handle.keys():
-                    t = handle.get_slice(name)
-                    infos[name] = TensorInfo(f, tuple(t.get_shape()), t.get_dtype())
-        except Exception as err:  # safetensors validates the header; anything wrong is a bad file
-            raise UserError(f"{f}: not a valid safetensors file ({err})") from None
-    return infos
 
 
 def _expected_shapes(in_f: int, out_f: int, bits: int, group_size: int,

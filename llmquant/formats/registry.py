@@ -109,7 +109,7 @@ class GGUFFile:
                             "--format gptq or awq")
 
     def plan(self, checkpoint, config) -> Plan:
-        from ..quant.blocks import BlockSolver
+        from ..quant.ggml_solver import BlockSolver
         from .gguf.mixes import TensorInfo, parse_overrides, tensor_types
         from .gguf.writer import arch_of, gguf_name
 

@@ -93,17 +93,18 @@ class Checkpoint:
     def _read_headers(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """name -> (shape, safetensors dtype), from the headers alone; a name the index gives a shard must be
         in that shard."""
-        headers = {}
+        headers, held = {}, {}
         for shard in sorted(set(self.index.values())):
             try:
                 with safe_open(shard, "pt") as f:
-                    for name in f.keys():
+                    held[shard] = set(f.keys())
+                    for name in held[shard]:
                         t = f.get_slice(name)
                         headers[name] = (tuple(t.get_shape()), t.get_dtype())
             except Exception as err:
                 raise UserError(f"{shard}: not a valid safetensors file ({err})") from None
         for name, shard in self.index.items():
-            if name not in headers:
+            if name not in held[shard]:
                 raise UserError(f"{shard}: the index names tensor '{name}', but the shard does not hold it")
         return headers
 

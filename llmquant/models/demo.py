@@ -66,7 +66,11 @@ def build_demo_model(dest: Path) -> Path:
         out = work / "model"
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
-        os.replace(out, dest)
+        try:
+            os.replace(out, dest)
+        except OSError:  # another process built it meanwhile: theirs is as good, keep it
+            if not (dest / "config.json").exists():
+                raise
     return dest
 
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from safetensors import safe_open
 
 from ..errors import UserError
 from .adapters import ArchAdapter, adapter_for
@@ -56,10 +58,28 @@ def read_config(path: Path) -> dict:
     return config
 
 
+class HeaderInfo(NamedTuple):
+    file: Path  # the shard holding it: a linear's packed fields may sit in different shards
+    shape: tuple[int, ...]
+    dtype: str  # safetensors' name: "I32", "F16", ...
+
+
+def tensor_headers(files: list[Path]) -> dict[str, HeaderInfo]:
+    """Every tensor's shard, shape and dtype, from the headers alone; a malformed file is a UserError."""
+    infos = {}
+    for f in files:
+        try:
+            with safe_open(f, "pt") as handle:
+                for name in handle.keys():
+                    t = handle.get_slice(name)
+                    infos[name] = HeaderInfo(f, tuple(t.get_shape()), t.get_dtype())
+        except Exception as err:  # safetensors validates the header; anything wrong is a bad file
+            raise UserError(f"{f}: not a valid safetensors file ({err})") from None
+    return infos
+
+
 def check_safetensors(path: Path) -> None:
     """The weights are safetensors (never unpickled) whose headers agree with their files."""
-    from ..formats.hf import tensor_headers
-
     files = sorted(path.glob("*.safetensors"))
     if files:
         tensor_headers(files)

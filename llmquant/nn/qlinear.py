@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..formats.pack import pack_gptq, unpack_gptq
-from ..quant.grid import QuantizedWeight
+from ..numerics.pack import pack_gptq, unpack_gptq
+from ..numerics.grid import QuantizedWeight
 
 
 @functools.cache

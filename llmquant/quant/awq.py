@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..runner import BlockInputs, forward_block
+from ..activations import BlockInputs, forward_block
 from .gptq import Hessian, _one_thread
-from .grid import QuantizedWeight, QuantSpec, fit_range, round_to_grid
+from ..numerics.grid import QuantizedWeight, QuantSpec, fit_range, round_to_grid
 
 # attention logits are products q.k: a per-output error of each alone misjudges clipping (AutoAWQ skips them too)
 NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")

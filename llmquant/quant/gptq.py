@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .grid import QuantizedWeight, QuantSpec, fit, fit_groups
+from ..numerics.grid import QuantizedWeight, QuantSpec, fit, fit_groups
 from .rtn import rtn
 from .tune import TuneSpec, tune_block
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .grid import QuantizedWeight, QuantSpec, fit, quantize
+from ..numerics.grid import QuantizedWeight, QuantSpec, fit, quantize
 
 
 def rtn(weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:

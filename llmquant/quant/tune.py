@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .grid import QuantizedWeight
+from ..numerics.grid import QuantizedWeight
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ def _shapes(folder: Path) -> dict[str, list[int]]:
 
 def dequantize_gptq(tensors: dict[str, torch.Tensor], bits: int, zero_offset: int) -> dict[str, torch.Tensor]:
     """Replace every (qweight, qzeros, scales, g_idx) quadruple by `weight` = (q - z) * s, float32 [out, in]."""
-    from llmquant.formats.pack import unpack_int32
+    from llmquant.numerics.pack import unpack_int32
 
     out = {k: v for k, v in tensors.items() if not k.endswith((".qweight", ".qzeros", ".scales", ".g_idx"))}
     for name in [k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")]:
@@ -66,8 +66,8 @@ def dequantize_gptq(tensors: dict[str, torch.Tensor], bits: int, zero_offset: in
 
 def dequantize_awq(tensors: dict[str, torch.Tensor], bits: int, group_size: int) -> dict[str, torch.Tensor]:
     """Replace every AWQ GEMM (qweight, qzeros, scales) triple by `weight` = (q - z) * s, float32 [out, in]."""
-    from llmquant.formats.pack import unpack_awq, unpack_int32
-    from llmquant.quant.grid import QuantizedWeight, default_g_idx
+    from llmquant.numerics.pack import unpack_awq, unpack_int32
+    from llmquant.numerics.grid import QuantizedWeight, default_g_idx
 
     out = {k: v for k, v in tensors.items() if not k.endswith((".qweight", ".qzeros", ".scales"))}
     for name in [k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")]:

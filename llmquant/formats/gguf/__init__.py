@@ -1,5 +1,1 @@
-"""GGUF: llama.cpp's block formats as torch codecs."""
-
-from llmquant.formats.gguf.quants import FORMATS, QK_K, BlockFormat
-
-__all__ = ["FORMATS", "QK_K", "BlockFormat"]
+"""GGUF files: llama.cpp's type mixes, the streaming writer, the reader and its validation."""

@@ -17,6 +17,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType as F
 
 from ...errors import UserError
+from ...numerics.ggml import FLOAT  # stored as they are: no block rules, no fallback
 
 # mix name -> (general.file_type, default block type)
 MIXES: dict[str, tuple[F, T]] = {
@@ -46,7 +47,6 @@ QUANTIZABLE = {t.name: t for t in (T.F32, T.F16, T.BF16, T.Q8_0, T.Q6_K, T.Q5_K,
                                    T.Q4_1, T.Q4_0, T.Q3_K, T.Q2_K)}
 
 
-FLOAT = {T.F32, T.F16, T.BF16}  # stored as they are: no block rules, no fallback
 
 
 def block_size(t: T) -> int:

@@ -15,7 +15,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ...errors import UserError
 from .mixes import MIXES
-from .quants import FORMATS
+from ...numerics.ggml import FORMATS
 from .validate import GGUFSummary, check_gguf
 from .writer import PERMUTED, arch_of, gguf_name, heads_of, unpermute_rows
 

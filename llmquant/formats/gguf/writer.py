@@ -261,7 +261,7 @@ class GGUFSink:
         self._drain()
 
     def _encode(self, hf: str, value: torch.Tensor) -> torch.Tensor:
-        from .quants import FORMATS
+        from ...numerics.ggml import FORMATS
 
         return FORMATS[self.types[self.names[hf]].name].quantize(value.float())
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.grid import QuantizedWeight, default_g_idx
+from .grid import QuantizedWeight, default_g_idx
 
 # AWQ GEMM: nibble i of each word holds output column AWQ_ORDER[i] of its block of 8
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..formats.gguf.quants import FORMATS, BlockFormat
+from ..numerics.ggml import FORMATS, BlockFormat
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,14 @@ contiguous slices.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
-from llmquant.errors import UserError
+from ..errors import UserError
 
 QK_K = 256
 _GROUP_MAX_EPS = 1e-15  # ggml-quants.c GROUP_MAX_EPS: below this a group counts as all zero
@@ -767,3 +768,20 @@ FORMATS: dict[str, type[BlockFormat]] = {
     cls.ggml_type.name: cls
     for cls in (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)
 }
+
+FLOAT = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}  # stored as they are
+
+
+@dataclass
+class BlockTensor:
+    """A weight encoded in a block format: rows of bytes exactly as the GGUF file stores them."""
+
+    type: GGMLQuantizationType
+    data: torch.Tensor  # uint8 [out, in / block size * type size]
+    in_features: int
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return FORMATS[self.type.name].dequantize(self.data, self.in_features).to(dtype)
+
+    def cpu(self) -> BlockTensor:
+        return BlockTensor(self.type, self.data.cpu(), self.in_features)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from llmquant.formats.gguf.quants import FORMATS
-from llmquant.quant.block_grid import affine, level_bits
-from llmquant.quant.blocks import gptq_blocks
+from llmquant.numerics.ggml import FORMATS
+from llmquant.quant.ggml_affine import affine, level_bits
+from llmquant.quant.ggml_solver import gptq_blocks
 
 BLOCK_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 BITS = {"Q8_0": 8, "Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q2_K": 2, "Q3_K": 3, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6}

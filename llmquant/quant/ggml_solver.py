@@ -11,33 +11,16 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
 
 import torch
 from gguf import GGMLQuantizationType
 from torch import nn
 
-from ..formats.gguf.mixes import FLOAT
-from ..formats.gguf.quants import FORMATS, BlockFormat
-from .block_grid import affine, level_bits
+from ..numerics.ggml import FLOAT, FORMATS, BlockFormat, BlockTensor
+from .ggml_affine import affine, level_bits
 from .gptq import Hessian, HessianNotPositiveDefinite, _inverse_cholesky, _one_thread, prepare
 
 MODES = ("reference", "imatrix", "gptq")
-
-
-@dataclass
-class BlockTensor:
-    """A weight encoded in a block format: rows of bytes exactly as the GGUF file stores them."""
-
-    type: GGMLQuantizationType
-    data: torch.Tensor  # uint8 [out, in / block size * type size]
-    in_features: int
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return FORMATS[self.type.name].dequantize(self.data, self.in_features).to(dtype)
-
-    def cpu(self) -> BlockTensor:
-        return BlockTensor(self.type, self.data.cpu(), self.in_features)
 
 
 class SquareMean:

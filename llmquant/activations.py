@@ -1,0 +1,162 @@
+"""Calibration activations of one decoder block: capture the inputs of block 0, keep them (in memory or
+memory-mapped within the run's budget), and run them through a block batch by batch. The runner and the
+solvers that search over a block's outputs (AWQ, tuning) both use it; it knows nothing of either.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .memory import MappedTensor
+from .models.adapters import ArchAdapter
+
+BATCH_TOKENS = 4096  # calibration tokens per forward batch
+
+
+class Captured(Exception):
+    """Ends a forward pass early once what was needed has been recorded."""
+
+
+class Catcher(nn.Module):
+    """Stands in for block 0: records what the model feeds it, then stops the forward pass."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+        self.hidden: torch.Tensor | None = None
+        self.kwargs: dict | None = None
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise RuntimeError("decoder block received positional arguments beyond hidden_states")
+        self.hidden = hidden_states
+        self.kwargs = kwargs
+        raise Captured
+
+
+def _move(value, device, dtype):
+    """Tensors (also inside tuples) to the work device; floating ones to the compute dtype."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_move(v, device, dtype) for v in value)
+    return value
+
+
+@dataclass
+class BlockInputs:
+    hidden: torch.Tensor  # [N, L, H] on the work device, compute dtype
+    kwargs: dict  # captured at batch size 1; broadcast over any batch
+    reference: torch.Tensor | None = None  # the float model's hidden states at the same block (float targets)
+    mapped: list = field(default_factory=list)  # memory.MappedTensors behind hidden / reference, if on disk
+    spare: int | None = None  # host bytes the run's budget leaves for optional records (None: ask the system)
+
+    def trim(self) -> None:
+        """After a batch: the pages of memory-mapped streams go back to the system."""
+        for stream in self.mapped:
+            stream.trim()
+
+
+@torch.inference_mode()
+def capture_inputs(model: nn.Module, adapter: ArchAdapter, samples: torch.Tensor, device, dtype,
+                   allocate=None) -> BlockInputs:
+    """Run the model up to block 0 for each sample (on the model's own device, cheap: embeddings only).
+    `allocate(name, shape, dtype)` gives the tensor the hidden states are kept in and the MappedTensor behind
+    it, if any (default: a tensor in memory on `device`)."""
+    blocks = adapter.blocks(model)
+    catcher = Catcher(blocks[0])
+    blocks[0] = catcher
+    hidden, mapped = None, []
+    try:
+        for i in range(samples.shape[0]):
+            try:
+                model(samples[i:i + 1], use_cache=False)
+            except Captured:
+                pass
+            if hidden is None:
+                shape = (samples.shape[0], *catcher.hidden.shape[1:])
+                hidden, backing = (allocate or in_memory(device))("hidden", shape, dtype)
+                mapped += [backing] if backing is not None else []
+            hidden[i:i + 1] = catcher.hidden.to(device=device, dtype=dtype)
+    finally:
+        blocks[0] = catcher.block
+    drop = {"past_key_values", "past_key_value", "use_cache", "output_attentions"}
+    kwargs = {k: _move(v, device, dtype) for k, v in catcher.kwargs.items() if k not in drop}
+    return BlockInputs(hidden, kwargs, mapped=mapped)
+
+
+def in_memory(device):
+    return lambda name, shape, dtype: (torch.empty(shape, device=device, dtype=dtype), None)
+
+
+class Replay(nn.Module):
+    """Stands in for a block child whose output can no longer change (adapter.replayable, its linears
+    quantized): the first pass records the output of each batch, later passes return the record. When
+    the pass that solved the child's last linear kept that linear's inputs (`tail_inputs`, one per batch),
+    the output is that linear applied to them, and nothing before it in the child is computed again."""
+
+    def __init__(self, module: nn.Module, tail: nn.Linear | None = None, tail_inputs: list | None = None,
+                 with_weights: bool = False):
+        super().__init__()
+        self.module = module
+        self.batch: int | None = None  # index of the batch being run, set by forward_block
+        self.outputs: dict[int, object] = {}
+        self.tail, self.tail_inputs, self.with_weights = tail, tail_inputs or [], with_weights
+
+    def forward(self, *args, **kwargs):
+        if self.batch not in self.outputs:
+            if self.batch < len(self.tail_inputs):
+                out = self.tail(self.tail_inputs[self.batch])
+                self.tail_inputs[self.batch] = None  # used once: its output is recorded instead
+                self.outputs[self.batch] = (out, None) if self.with_weights else out
+            else:
+                self.outputs[self.batch] = self.module(*args, **kwargs)
+        return self.outputs[self.batch]
+
+
+@torch.inference_mode()
+def forward_block(block: nn.Module, inputs: BlockInputs, batch: int, update: bool,
+                  reference: nn.Module | None = None) -> None:
+    """Run every sample through the block; with update, the outputs replace the inputs in place.
+    A hook may raise Captured to end a batch's forward early, once it has seen what it needs.
+    With a reference (the block's float copy), each batch first runs through it on inputs.reference."""
+    streams = [(block, inputs.hidden)] if reference is None else [(reference, inputs.reference), (block, inputs.hidden)]
+    replays = [m for module, _ in streams for m in module.children() if isinstance(m, Replay)]
+    for index, start in enumerate(range(0, inputs.hidden.shape[0], batch)):
+        for replay in replays:
+            replay.batch = index
+        for module, hidden in streams:
+            try:
+                out = module(hidden[start:start + batch], **inputs.kwargs)
+            except Captured:
+                continue
+            if update:
+                hidden[start:start + batch] = out[0] if isinstance(out, tuple) else out
+        inputs.trim()
+
+
+def budgeted_allocator(budget, spill_dir, streams: int, progress: bool):
+    """allocate(name, shape, dtype) for capture_inputs: in memory if all `streams` of that size fit in the
+    budget, else memory-mapped files in spill_dir. Says which on stderr."""
+    decided = {}
+
+    def allocate(name, shape, dtype):
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        if "in_memory" not in decided:
+            decided["in_memory"] = budget.take(streams * nbytes)
+            where = "in memory" if decided["in_memory"] else f"memory-mapped in {spill_dir}"
+            if progress:
+                tqdm.write(f"calibration activations: {streams * nbytes / 2**20:.0f} MiB, {where}", file=sys.stderr)
+        if decided["in_memory"]:
+            return torch.empty(shape, dtype=dtype), None
+        if spill_dir is None:
+            raise ValueError("activations beyond the budget need a spill_dir")
+        mapped = MappedTensor(spill_dir, name, shape, dtype)
+        return mapped.tensor, mapped
+
+    return allocate
