@@ -183,6 +183,8 @@ def cmd_quantize(args) -> None:
               f"{report.group_size}, {'sym' if report.sym else 'asym'}")
     print(f"  size {report.size_bytes / 2**20:.1f} MiB, {report.bpw:.3f} bits per quantized weight, "
           f"{report.seconds:.1f} s")
+    if report.peak_gpu_bytes is not None:
+        print(f"  peak GPU memory {report.peak_gpu_bytes / 2**20:.0f} MiB")
     if report.skipped:
         print(f"  left in float ({len(report.skipped)}): {', '.join(report.skipped[:4])}"
               f"{' ...' if len(report.skipped) > 4 else ''}")

@@ -148,6 +148,7 @@ class QuantReport:
     quantized_linears: int
     skipped: list[str] = field(default_factory=list)
     gguf_types: dict[str, str] | None = None  # GGUF: tensor name -> block type
+    peak_gpu_bytes: int | None = None  # --device cuda: the most GPU memory torch held at once
 
     def to_dict(self) -> dict:
         return asdict(self)

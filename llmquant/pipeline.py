@@ -53,9 +53,12 @@ def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: boo
 
         warnings.warn(f"{len(plan.skipped)} linears have widths the {config.format} layout cannot pack at "
                       f"{config.bits} bits and stay in float (first: {plan.skipped[0]})")
+    budget = memory_budget(config, checkpoint, solver.calibrated)
     tokenizer = checkpoint.tokenizer()
     samples = calibration_samples(config, checkpoint, tokenizer) if solver.calibrated else None
-    budget = memory_budget(config, checkpoint, solver.calibrated)
+    on_gpu = torch.device(config.device).type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(config.device)
     workdir = open_workdir(work_dir, resume, checkpoint.path, samples, config)
     destination = atomic_file if fmt.single_file else atomic_directory
     with destination(out, force) as tmp, spill_directory(work_dir, out) as spill:
@@ -71,7 +74,8 @@ def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: boo
     figures = fmt.figures(out, sink)
     return QuantReport(str(out), config.method, config.bits, config.group_size, config.sym,
                        time.perf_counter() - start, figures["size_bytes"], figures["bpw"], len(plan.targets),
-                       plan.skipped, gguf_types=figures.get("gguf_types"))
+                       plan.skipped, gguf_types=figures.get("gguf_types"),
+                       peak_gpu_bytes=torch.cuda.max_memory_allocated(config.device) if on_gpu else None)
 
 
 def memory_budget(config: QuantConfig, checkpoint: Checkpoint, calibrated: bool) -> Budget:

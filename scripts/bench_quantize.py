@@ -4,7 +4,8 @@
     python scripts/bench_quantize.py --model demo -- --method gptq --bits 4 --group-size 128 \
         --calib ../shared/data/wikitext2/valid.tokens.txt --n-samples 128 --seqlen 512
 
-Everything after `--` goes to `llmquant quantize`. Prints min/median/max wall seconds and peak RSS.
+Everything after `--` goes to `llmquant quantize`. Prints min/median/max wall seconds and peak RSS, and with
+`--device cuda` the peak GPU memory the run reports.
 """
 
 from __future__ import annotations
@@ -19,16 +20,19 @@ import tempfile
 from timed import run_timed
 
 
-def run_once(model: str, flags: list[str], threads: int | None) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB) of one quantize process."""
-    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryFile("w+") as log:
+def run_once(model: str, flags: list[str], threads: int | None) -> tuple[float, float, float | None]:
+    """(wall seconds, peak RSS in MiB, peak GPU MiB or None) of one quantize process."""
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryFile("w+") as out, \
+            tempfile.TemporaryFile("w+") as log:
+        cmd = [sys.executable, "-m", "llmquant", "quantize", model, "--out", f"{tmp}/out", *flags, "--json"]
         try:
-            wall, rss = run_timed([sys.executable, "-m", "llmquant", "quantize", model, "--out", f"{tmp}/out", *flags],
-                                  log, threads=threads)
+            wall, rss = run_timed(cmd, out, log, threads=threads)
         except subprocess.CalledProcessError:
             log.seek(0)
             raise SystemExit(f"quantize failed:\n{log.read()[-2000:]}") from None
-        return wall, rss / 2**20
+        out.seek(0)
+        gpu = json.loads(out.read().strip().splitlines()[-1]).get("peak_gpu_bytes")
+        return wall, rss / 2**20, gpu / 2**20 if gpu is not None else None
 
 
 def main() -> None:
@@ -40,10 +44,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the command")
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     runs = [run_once(args.model, flags, args.threads) for _ in range(args.repeat)]
-    walls, rss = [r[0] for r in runs], [r[1] for r in runs]
+    walls, rss, gpu = [r[0] for r in runs], [r[1] for r in runs], [r[2] for r in runs if r[2] is not None]
     result = {"command": ["llmquant", "quantize", args.model, *flags], "runs": args.repeat,
               "wall_s": {"min": min(walls), "median": statistics.median(walls), "max": max(walls)},
-              "peak_rss_mib": max(rss)}
+              "peak_rss_mib": max(rss), **({"peak_gpu_mib": max(gpu)} if gpu else {})}
     print(json.dumps(result, indent=2))
 
 

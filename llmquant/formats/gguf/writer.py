@@ -20,9 +20,8 @@ import numpy as np
 import torch
 
 from ...errors import UserError
+from ...models.adapters import adapter_for
 
-ARCHES = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2,
-          "qwen3": gguf.MODEL_ARCH.QWEN3}
 PERMUTED = {gguf.MODEL_ARCH.LLAMA}  # archs whose rotary q/k rows llama.cpp expects interleaved
 
 # llama.cpp's pre-tokenizer names for the split regexes HF tokenizers use (llama-vocab.cpp)
@@ -44,11 +43,12 @@ class Tensor:
 
 
 def arch_of(model_type: str) -> gguf.MODEL_ARCH:
+    """llama.cpp's architecture for a family, as its adapter declares it."""
+    name = adapter_for(model_type).gguf_arch
     try:
-        return ARCHES[model_type]
+        return gguf.MODEL_ARCH[name.upper()]
     except KeyError:
-        raise UserError(f"GGUF export does not know architecture '{model_type}' "
-                        f"(supported: {', '.join(sorted(ARCHES))})") from None
+        raise UserError(f"GGUF export does not know architecture '{name}' of family '{model_type}'") from None
 
 
 @functools.cache
