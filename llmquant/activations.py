@@ -5,12 +5,10 @@ solvers that search over a block's outputs (AWQ, tuning) both use it; it knows n
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .memory import MappedTensor
 from .models.adapters import ArchAdapter
@@ -54,7 +52,7 @@ class BlockInputs:
     kwargs: dict  # captured at batch size 1; broadcast over any batch
     reference: torch.Tensor | None = None  # the float model's hidden states at the same block (float targets)
     mapped: list = field(default_factory=list)  # memory.MappedTensors behind hidden / reference, if on disk
-    spare: int | None = None  # host bytes the run's budget leaves for optional records (None: ask the system)
+    budget: object | None = None  # memory.Budget that optional records are taken from (None: ask the system)
 
     def trim(self) -> None:
         """After a batch: the pages of memory-mapped streams go back to the system."""
@@ -140,23 +138,21 @@ def forward_block(block: nn.Module, inputs: BlockInputs, batch: int, update: boo
         inputs.trim()
 
 
-def budgeted_allocator(budget, spill_dir, streams: int, progress: bool):
+def budgeted_allocator(budget, spill_dir, streams: int):
     """allocate(name, shape, dtype) for capture_inputs: in memory if all `streams` of that size fit in the
-    budget, else memory-mapped files in spill_dir. Says which on stderr."""
-    decided = {}
+    budget, else memory-mapped files in spill_dir. `allocate.where` says which, once decided."""
 
     def allocate(name, shape, dtype):
         nbytes = torch.Size(shape).numel() * dtype.itemsize
-        if "in_memory" not in decided:
-            decided["in_memory"] = budget.take(streams * nbytes)
-            where = "in memory" if decided["in_memory"] else f"memory-mapped in {spill_dir}"
-            if progress:
-                tqdm.write(f"calibration activations: {streams * nbytes / 2**20:.0f} MiB, {where}", file=sys.stderr)
-        if decided["in_memory"]:
+        if allocate.where is None:
+            allocate.in_memory = budget.take(streams * nbytes)
+            allocate.where = "in memory" if allocate.in_memory else f"memory-mapped in {spill_dir}"
+        if allocate.in_memory:
             return torch.empty(shape, dtype=dtype), None
         if spill_dir is None:
             raise ValueError("activations beyond the budget need a spill_dir")
         mapped = MappedTensor(spill_dir, name, shape, dtype)
         return mapped.tensor, mapped
 
+    allocate.where = None
     return allocate

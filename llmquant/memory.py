@@ -70,6 +70,10 @@ class Budget:
         self.used += nbytes
         return True
 
+    def give(self, nbytes: int) -> None:
+        """Hand back what `take` promised."""
+        self.used -= nbytes
+
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"

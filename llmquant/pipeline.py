@@ -9,7 +9,6 @@ that replaces `out` only when complete.
 from __future__ import annotations
 
 import contextlib
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 
 from .config import QuantConfig, QuantReport
 from .errors import UserError
-from .formats.atomic import atomic_directory, atomic_file, check_destination
+from .formats.atomic import atomic_directory, atomic_file, check_destination, scratch_directory
 from .formats.registry import format_for
 from .memory import Budget, default_budget, parse_size
 from .methods import make_solver
@@ -93,14 +92,13 @@ def memory_budget(config: QuantConfig, checkpoint: Checkpoint, calibrated: bool)
 
 @contextlib.contextmanager
 def spill_directory(work_dir: str | Path | None, out: Path):
-    """Where activations beyond the budget are memory-mapped: the work dir, else a hidden temporary beside
-    the output, removed at the end."""
+    """Where activations beyond the budget are memory-mapped: the work dir, else a hidden scratch folder
+    beside the output, removed at the end."""
     if work_dir is not None:
         yield Path(work_dir)
         return
-    out.absolute().parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".activations", dir=out.absolute().parent) as d:
-        yield Path(d)
+    with scratch_directory(out) as d:
+        yield d
 
 
 def calibration_samples(config: QuantConfig, checkpoint: Checkpoint, tokenizer) -> torch.Tensor:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -93,18 +94,17 @@ def _replay_finished(block: nn.Module, adapter: ArchAdapter, solved: set[str], t
             setattr(block, name, Replay(child, tail and child.get_submodule(tail), kept, with_weights))
 
 
-def _room_for(nbytes: int, device: torch.device, spare: int | None) -> bool:
-    """Whether keeping `nbytes` more on `device` leaves at least as much free (replay records are optional)."""
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    elif spare is not None:
-        free = spare
-    else:
-        try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError):  # not on every platform: then recompute rather than guess
-            return False
-    return 2 * nbytes <= free
+def _keep(nbytes: int, inputs: BlockInputs) -> bool:
+    """Whether `nbytes` more of optional replay records may be kept: within the run's budget on the host
+    (taken from it; `_solve_block` gives it back), or leaving at least as much free on a GPU."""
+    if inputs.hidden.device.type == "cuda":
+        return 2 * nbytes <= torch.cuda.mem_get_info(inputs.hidden.device)[0]
+    if inputs.budget is not None:
+        return inputs.budget.take(nbytes)
+    try:
+        return 2 * nbytes <= os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # not on every platform: then recompute rather than guess
+        return False
 
 
 def _write_back(linear: nn.Linear, qw: QuantizedWeight, dtype: torch.dtype) -> None:
@@ -116,7 +116,7 @@ def _write_back(linear: nn.Linear, qw: QuantizedWeight, dtype: torch.dtype) -> N
 def _solve_block(block: nn.Module, prefix: str, adapter: ArchAdapter, solver: Solver, targets: set[str],
                  inputs: BlockInputs | None, batch: int | None, compute_dtype: torch.dtype) -> dict:
     """Quantize one block's target linears group by group, then (calibrated) propagate the samples."""
-    block_results, solved = {}, set()
+    block_results, solved, held = {}, set(), 0
     tails = {f"{child}.{linear}" for child, (linear, _) in adapter.tails.items()}
     tail_inputs: dict[nn.Module, dict[str, list]] = {}  # per module (block, reference): tail linears' inputs
     reference = observed = None
@@ -137,8 +137,9 @@ def _solve_block(block: nn.Module, prefix: str, adapter: ArchAdapter, solver: So
                 records = {}
                 if len(names) == 1 and first in tails:
                     width = inputs.hidden.shape[0] * inputs.hidden.shape[1] * linears[first].in_features
-                    if _room_for(width * inputs.hidden.element_size() * (1 + (observed is not None)),
-                                 inputs.hidden.device, inputs.spare):
+                    nbytes = width * inputs.hidden.element_size() * (1 + (observed is not None))
+                    if _keep(nbytes, inputs):
+                        held += nbytes if inputs.budget is not None else 0
                         records = {m: tail_inputs.setdefault(m, {}).setdefault(first, [])
                                    for m in (block, observed) if m is not None}
                 hooks = [linears[first].register_forward_pre_hook(
@@ -171,6 +172,8 @@ def _solve_block(block: nn.Module, prefix: str, adapter: ArchAdapter, solver: So
             forward_block(block, inputs, batch, update=True)
     finally:
         _unreplay(block)
+        if held:
+            inputs.budget.give(held)
     return block_results
 
 
@@ -232,7 +235,7 @@ def run_layers(model: nn.Module, adapter: ArchAdapter, solver: Solver, targets: 
         if checkpoint is not None:
             checkpoint.materialize(embedding, _prefix_of(model, embedding))
         streams = 1 + (getattr(solver, "float_targets", False) or getattr(solver, "tunes_blocks", False))
-        allocate = budgeted_allocator(budget, spill_dir, streams, progress) if budget and device.type == "cpu" else None
+        allocate = budgeted_allocator(budget, spill_dir, streams) if budget and device.type == "cpu" else None
         inputs = capture_inputs(model, adapter, samples, device, compute_dtype, allocate)
         if checkpoint is not None:
             checkpoint.release(embedding)
@@ -242,8 +245,10 @@ def run_layers(model: nn.Module, adapter: ArchAdapter, solver: Solver, targets: 
             inputs.reference.copy_(inputs.hidden)
             inputs.mapped += [backing] if backing is not None else []
         batch = max(1, batch_tokens // samples.shape[1])
-        if budget is not None:
-            inputs.spare = max(0, budget.limit - budget.used)
+        if budget is not None and device.type == "cpu":
+            inputs.budget = budget
+            if progress:
+                _say_where(inputs, allocate, adapter, model, streams)
         if done:
             with torch.inference_mode():  # the captured activations are inference tensors
                 state = workdir.load_state(done - 1)
@@ -295,6 +300,18 @@ def _quantize_block(block: nn.Module, index: int, run: _Run) -> None:
     run.sink.write_block(index, results, floats)
     if run.checkpoint is not None:
         run.checkpoint.release(block)
+
+
+def _say_where(inputs: BlockInputs, allocate, adapter: ArchAdapter, model: nn.Module, streams: int) -> None:
+    """One line on stderr: how much calibration data the run holds, and where."""
+    per_token = inputs.hidden.element_size() * streams
+    tokens = inputs.hidden.shape[0] * inputs.hidden.shape[1]
+    block = adapter.blocks(model)[0]
+    widths = sum(block.get_submodule(f"{child}.{tail}").in_features for child, (tail, _) in adapter.tails.items())
+    line = (f"calibration activations: {tokens * inputs.hidden.shape[2] * per_token / 2**20:.0f} MiB, "
+            f"{allocate.where}; up to {tokens * widths * per_token / 2**20:.0f} MiB more of linear inputs kept "
+            f"within a block while --max-memory allows, to skip recomputing them")
+    tqdm.write(line, file=sys.stderr)
 
 
 def _prefix_of(model: nn.Module, module: nn.Module) -> str:
