@@ -67,7 +67,11 @@ class WorkDir:
         if resume:
             if not meta.exists():
                 raise UserError(f"--resume: {self.path} holds no earlier run")
-            old = json.loads(meta.read_text())
+            try:
+                old = json.loads(meta.read_text())
+                assert isinstance(old, dict)
+            except (OSError, ValueError, AssertionError):
+                raise _damaged(meta, "the run's fingerprint") from None
             differs = [k for k in ("model", "calibration", "settings", "llmquant") if old.get(k) != fp.get(k)]
             if differs:
                 raise UserError(f"--resume: {self.path} was made with a different {' and '.join(differs)}; "
@@ -116,21 +120,33 @@ class WorkDir:
         from gguf import GGMLQuantizationType
 
         quantized = {}
-        with safe_open(self._record(index), "pt") as f:
-            meta = f.metadata()
-            for name, spec in json.loads(meta["specs"]).items():
-                if "gguf" in spec:
-                    quantized[name] = BlockTensor(GGMLQuantizationType[spec["gguf"]], f.get_tensor(f"{name}.data"),
-                                                  spec["in_features"])
-                else:
-                    quantized[name] = QuantizedWeight(*(f.get_tensor(f"{name}.{field}") for field in FIELDS),
-                                                      spec["bits"], spec["group_size"], spec["sym"])
-            floats = {k.removeprefix("float."): f.get_tensor(k) for k in f.keys() if k.startswith("float.")}
-        return quantized, json.loads(meta["report"]), floats
+        try:
+            with safe_open(self._record(index), "pt") as f:
+                meta = f.metadata()
+                for name, spec in json.loads(meta["specs"]).items():
+                    if "gguf" in spec:
+                        quantized[name] = BlockTensor(GGMLQuantizationType[spec["gguf"]],
+                                                      f.get_tensor(f"{name}.data"), spec["in_features"])
+                    else:
+                        quantized[name] = QuantizedWeight(*(f.get_tensor(f"{name}.{field}") for field in FIELDS),
+                                                          spec["bits"], spec["group_size"], spec["sym"])
+                floats = {k.removeprefix("float."): f.get_tensor(k) for k in f.keys() if k.startswith("float.")}
+                report = json.loads(meta["report"])
+        except Exception:  # safetensors' own errors, bad JSON, missing keys: the record cannot be trusted
+            raise _damaged(self._record(index), f"the record of block {index}") from None
+        return quantized, report, floats
 
     def load_state(self, index: int) -> dict[str, torch.Tensor]:
         path = self._state(index)
         if not path.exists():
             raise UserError(f"--resume: {path} is missing; the work dir is incomplete")
-        with safe_open(path, "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}  # the fingerprint fixed which streams there are
+        try:
+            with safe_open(path, "pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}  # the fingerprint fixed which streams there are
+        except Exception:
+            raise _damaged(path, f"the activations after block {index}") from None
+
+
+def _damaged(path: Path, what: str) -> UserError:
+    return UserError(f"--resume: {path} ({what}) is damaged; start again without --resume, or with a new "
+                     f"--work-dir")

@@ -90,3 +90,20 @@ def test_resume_refuses_a_different_run(setup, capsys):
     assert "--resume" in capsys.readouterr().err
     assert main(args(model, calib, root / "d", "--resume")) == 2
     assert "--work-dir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["fingerprint.json", "block-00001.safetensors"])
+def test_a_damaged_work_dir_is_one_line(damage, setup, capsys):
+    """A truncated fingerprint or block record: named in one line, never a traceback."""
+    root, model, calib = setup
+    work = root / f"work-{damage}"
+    assert main(args(model, calib, root / f"e-{damage}", "--work-dir", str(work))) == 0
+    target = work / damage
+    target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 2])
+    capsys.readouterr()
+    code = main(args(model, calib, root / f"f-{damage}", "--work-dir", str(work), "--resume"))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("llmquant: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert target.name in lines[0] and "damaged" in lines[0]
+    assert not (root / f"f-{damage}").exists()
