@@ -179,8 +179,20 @@ def _shape_disagrees_with_config(path):
     return ["mlp", "shape", "config.json"]
 
 
+def _config_edit(**values):
+    def damage(path):
+        config = json.loads((path / "config.json").read_text())
+        config.update(values)
+        (path / "config.json").write_text(json.dumps(config))
+        return ["config.json"]
+
+    damage.__name__ = "_" + "_".join(f"{k}={v}" for k, v in values.items())
+    return damage
+
+
 @pytest.mark.parametrize("damage", [_missing_shard, _tensor_not_in_its_shard, _truncated_shard,
-                                    _shape_disagrees_with_config])
+                                    _shape_disagrees_with_config, _config_edit(num_attention_heads=3),
+                                    _config_edit(num_hidden_layers=0), _config_edit(hidden_size=-4)])
 def test_bad_checkpoints_get_one_line_and_nothing_written(damage, sharded_bf16, tmp_path, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(sharded_bf16, broken)

@@ -82,9 +82,11 @@ class Checkpoint:
             with init_empty_weights(include_buffers=False):
                 model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype,
                                                          trust_remote_code=trust_remote_code)
-        except (OSError, ValueError, TypeError, RuntimeError, ZeroDivisionError) as err:
+        except Exception as err:  # whatever transformers or torch make of a bad config, it is the config's fault
             raise UserError(f"{self.path}/config.json does not describe a model that can be built: "
-                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+                            f"{_reason(err)}") from None
+        if not len(self.adapter.blocks(model)):
+            raise UserError(f"{self.path}/config.json describes a model without decoder blocks")
         model.tie_weights()  # from_config leaves tied tensors apart on the meta device
         self.model = model.eval()
         self.config.dtype = self.dtype
@@ -173,6 +175,14 @@ class Checkpoint:
             return AutoTokenizer.from_pretrained(self.path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as err:
             raise UserError(f"cannot load the tokenizer of {self.path}: {str(err).splitlines()[0]}") from None
+
+
+def _reason(err: Exception) -> str:
+    """The informative line of an error: validators put a heading line first, the reason last."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    return lines[-1] if lines[0].endswith(":") else lines[0]
 
 
 def large_allocations_to_the_system() -> None:
