@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host memory the run may hold, e.g. 2GB or 1500MiB: the model is read one decoder block "
                         "at a time, and calibration activations that do not fit beside it are memory-mapped "
                         "in --work-dir (or a hidden folder beside --out) (default: 80%% of the available memory)")
+    q.add_argument("--allow-float", action="store_true",
+                   help="go ahead even when the format cannot pack more than 10%% of the linears, which then "
+                        "stay in float (by default such a run stops before any work)")
     q.add_argument("--force", action="store_true", help="replace --out if it exists")
     q.add_argument("--work-dir", help="keep a durable record of every finished block here, so an interrupted "
                                       "run can continue with --resume")
@@ -182,7 +185,7 @@ def cmd_quantize(args) -> None:
         print(f"wrote {report.out}: {report.quantized_linears} linears at {report.bits} bits, group "
               f"{report.group_size}, {'sym' if report.sym else 'asym'}")
     print(f"  size {report.size_bytes / 2**20:.1f} MiB, {report.bpw:.3f} bits per quantized weight, "
-          f"{report.seconds:.1f} s")
+          f"{report.bits_per_parameter:.3f} bits per parameter over the whole output, {report.seconds:.1f} s")
     if report.peak_gpu_bytes is not None:
         print(f"  peak GPU memory {report.peak_gpu_bytes / 2**20:.0f} MiB")
     if report.skipped:
@@ -218,6 +221,12 @@ def cmd_generate(args) -> None:
     from .eval import TimedStreamer
 
     check_device(args.device)
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
+    if not args.prompt.strip() and not args.chat:
+        raise UserError("--prompt is empty: give the text to continue")
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be 0 (greedy) or more, not {args.temperature}")
     model, tokenizer = load_any(args.path, args.device)
     if args.chat and not tokenizer.chat_template:
         raise UserError(f"{args.path}: its tokenizer has no chat template; drop --chat")
@@ -261,7 +270,8 @@ def cmd_inspect(args) -> None:
     print(f"{info['path']}: {info['quant_method']} {info['bits']}-bit, group {info['group_size']}, "
           f"{'sym' if info['sym'] else 'asym'}, desc_act={info['desc_act']}")
     print(f"  {info['quantized_linears']} quantized linears, {info['quantized_weights']:,} weights, "
-          f"{info['bpw']:.3f} bits per quantized weight")
+          f"{info['bpw']:.3f} bits per quantized weight; {info['parameters']:,} parameters, "
+          f"{info['bits_per_parameter']:.3f} bits per parameter over the whole checkpoint")
     print(f"  {info['tensors']} tensors in {info['files']} file(s), {info['size_bytes'] / 2**20:.1f} MiB")
     if info["meta"]:
         print(f"  meta: {json.dumps(info['meta'])}")

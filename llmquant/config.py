@@ -28,6 +28,7 @@ class QuantConfig:
     seed: int = 0
     device: str = "cpu"
     max_memory: str | None = None  # host memory the run may hold, e.g. "2GB"; None: 80% of what is available
+    allow_float: bool = False  # go ahead even if the format must leave many linears in float
     # GPTQ (act_order, static_groups: None = the method's default, see gptq_order)
     act_order: bool | None = None
     static_groups: bool | None = None
@@ -149,6 +150,7 @@ class QuantReport:
     skipped: list[str] = field(default_factory=list)
     gguf_types: dict[str, str] | None = None  # GGUF: tensor name -> block type
     peak_gpu_bytes: int | None = None  # --device cuda: the most GPU memory torch held at once
+    bits_per_parameter: float | None = None  # the whole output's size over all the model's parameters
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -47,11 +47,7 @@ def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: boo
                         f"{adapter.family} adapter defines none; use --method rtn or gptq")
     plan = fmt.plan(checkpoint, config)
     solver = make_solver(config, config.spec(), adapter.scaling_pairs, set(plan.targets), inner=plan.grid)
-    if plan.skipped:
-        import warnings
-
-        warnings.warn(f"{len(plan.skipped)} linears have widths the {config.format} layout cannot pack at "
-                      f"{config.bits} bits and stay in float (first: {plan.skipped[0]})")
+    check_float_share(plan, config)
     budget = memory_budget(config, checkpoint, solver.calibrated)
     tokenizer = checkpoint.tokenizer()
     samples = calibration_samples(config, checkpoint, tokenizer) if solver.calibrated else None
@@ -74,7 +70,29 @@ def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: boo
     return QuantReport(str(out), config.method, config.bits, config.group_size, config.sym,
                        time.perf_counter() - start, figures["size_bytes"], figures["bpw"], len(plan.targets),
                        plan.skipped, gguf_types=figures.get("gguf_types"),
-                       peak_gpu_bytes=torch.cuda.max_memory_allocated(config.device) if on_gpu else None)
+                       peak_gpu_bytes=torch.cuda.max_memory_allocated(config.device) if on_gpu else None,
+                       bits_per_parameter=figures["bits_per_parameter"])
+
+
+MOST_FLOAT = 0.1  # the share of linears a format may leave in float before the run needs --allow-float
+
+
+def check_float_share(plan, config: QuantConfig) -> None:
+    """Linears the format cannot pack stay in float: a few with a warning, many only when asked for, since
+    the result would be far larger than the bits suggest."""
+    if not plan.skipped:
+        return
+    import warnings
+
+    share = len(plan.skipped) / (len(plan.skipped) + len(plan.targets))
+    what = (f"{len(plan.skipped)} of {len(plan.skipped) + len(plan.targets)} linears have widths the "
+            f"{config.format} layout cannot pack at {config.bits} bits, group {config.group_size} "
+            f"(first: {plan.skipped[0]})")
+    if share > MOST_FLOAT and not config.allow_float:
+        hint = " or --format gptq" if config.format == "awq" else ""
+        raise UserError(f"{what}: they would stay in float. Choose a --group-size that divides their widths"
+                        f"{hint}, or pass --allow-float to go ahead")
+    warnings.warn(f"{what} and stay in float")
 
 
 def memory_budget(config: QuantConfig, checkpoint: Checkpoint, calibrated: bool) -> Budget:

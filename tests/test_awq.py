@@ -303,8 +303,14 @@ def test_awq_checkpoint_loads_and_matches_its_gptq_twin(tiny_model_dir, calib_fi
     with pytest.raises(UserError, match="zero point of 0"):
         llmquant.load(tmp_path / "awq")
     # 96 inputs are 1.5 groups of 64: without a g_idx the awq layout leaves down_proj in float
-    short = quantize(tiny_model_dir, QuantConfig(format="awq", group_size=64), tmp_path / "short", progress=False)
+    # (2 of 14 linears: more than a run leaves in float unless asked, and nothing is written)
+    with pytest.raises(UserError, match="--allow-float"):
+        quantize(tiny_model_dir, QuantConfig(format="awq", group_size=64), tmp_path / "short", progress=False)
+    assert not (tmp_path / "short").exists()
+    short = quantize(tiny_model_dir, QuantConfig(format="awq", group_size=64, allow_float=True), tmp_path / "short",
+                     progress=False)
     assert short.skipped == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert short.bits_per_parameter > short.bpw  # the float linears count in the whole file's figure
     config = json.loads((tmp_path / "short" / "config.json").read_text())["quantization_config"]
     assert config["modules_to_not_convert"] == short.skipped
     # GPTQModel ignores modules_to_not_convert and reads quant_config.json first: `dynamic` in both

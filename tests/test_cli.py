@@ -164,3 +164,7 @@ def test_bad_input_gives_one_line_errors(tiny_model_dir, broken_models, tmp_path
     assert_one_line_error(*run(capsys, "generate", tiny_model_dir, "--prompt", "hi", "--device", "tpu")[::2],
                           "--device")
     assert_one_line_error(*run(capsys, "generate", tiny_model_dir, "--prompt", "hi", "--chat")[::2], "chat template")
+    for n in (0, -1):
+        assert_one_line_error(*run(capsys, "generate", tiny_model_dir, "--prompt", "hi", "--max-new-tokens", n)[::2],
+                              "--max-new-tokens")
+    assert_one_line_error(*run(capsys, "generate", tiny_model_dir, "--prompt", " ")[::2], "--prompt")

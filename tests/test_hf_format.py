@@ -144,6 +144,8 @@ def test_reader_rejects_bad_checkpoints(tiny_model_dir, tmp_path):
     corrupt(q, lambda c: c["quantization_config"].update(group_size=64))  # shapes no longer match
     with pytest.raises(UserError, match="expected"):
         llmquant.load(q)
+    with pytest.raises(UserError, match="group 64"):  # inspect refuses what load refuses
+        hf.describe(q)
     corrupt(q, lambda c: c["quantization_config"].update(bits=5, group_size=32))
     with pytest.raises(UserError, match="bits=5"):
         llmquant.load(q)

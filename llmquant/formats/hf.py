@@ -310,11 +310,21 @@ def describe(path: Path) -> dict:
             raise UserError(f"{path}: '{name}.qweight' has no '{name}.{missing}'")
         quant_bytes += sum(math.prod(t.shape) * (2 if t.dtype in ("F16", "BF16") else 4) for t in fields)
         in_f = fields[0].shape[0] if method == "awq" else fields[3].shape[0]
-        weights += in_f * fields[2].shape[1]
+        out_f = fields[2].shape[1] if len(fields[2].shape) == 2 else 0
+        for field, shape in _expected_shapes(in_f, out_f, q["bits"], q["group_size"], method).items():
+            if headers[f"{name}.{field}"].shape != shape:  # what `load` would refuse, inspect refuses too
+                raise UserError(f"{path}: '{name}.{field}' has shape {list(headers[f'{name}.{field}'].shape)}, "
+                                f"but quantization_config ({q['bits']} bits, group {q['group_size']}) gives "
+                                f"{list(shape)}")
+        weights += in_f * out_f
+    packed = {f"{n.rsplit('.', 1)[0]}.{field}" for n in headers if n.endswith(".qweight") for field in PACKED[method]}
+    params = weights + sum(math.prod(t.shape) for n, t in headers.items() if n not in packed)
+    size = sum(f.stat().st_size for f in files)
     return {
         "path": str(path), "quant_method": q["quant_method"], "bits": q["bits"], "group_size": q["group_size"],
         "sym": q.get("sym"), "desc_act": q.get("desc_act"), "files": len(files),
-        "size_bytes": sum(f.stat().st_size for f in files), "tensors": len(headers),
+        "size_bytes": size, "tensors": len(headers),
         "quantized_linears": sum(n.endswith(".qweight") for n in headers), "quantized_weights": weights,
-        "bpw": 8 * quant_bytes / weights if weights else None, "meta": q.get("meta", {}),
+        "bpw": 8 * quant_bytes / weights if weights else None, "parameters": params,
+        "bits_per_parameter": 8 * size / params if params else None, "meta": q.get("meta", {}),
     }

@@ -83,7 +83,7 @@ class IntegerLayout:
         from .hf import describe
 
         info = describe(out)
-        return {"size_bytes": info["size_bytes"], "bpw": info["bpw"]}
+        return {"size_bytes": info["size_bytes"], "bpw": info["bpw"], "bits_per_parameter": info["bits_per_parameter"]}
 
 
 GGUF_METHODS = ("rtn", "imatrix", "gptq", "awq")
@@ -137,6 +137,7 @@ class GGUFFile:
 
     def figures(self, out: Path, sink) -> dict:
         return {"size_bytes": out.stat().st_size, "bpw": sink.bpw,
+                "bits_per_parameter": 8 * out.stat().st_size / sink.params,
                 "gguf_types": {g: t.name for g, t in sink.types.items()}}
 
 
