@@ -5,7 +5,7 @@
 # alone (concurrent steps slowed each other 3x on an H200 host), under a time limit, and the log says how
 # it ended.
 #
-#   bash scripts/device_check.sh [STEP ...]    # tests quantize kernels generate (default: all four)
+#   bash scripts/device_check.sh [STEP ...]    # tests quantize kernels generate (default: all four), large
 #
 # On an H200 (16 host cores) the tests need about 5 min (they compile every autotuner candidate), the
 # other three about 6 min together: within a 10-minute call limit, run `tests`, then the rest.
@@ -13,6 +13,8 @@
 # missing dependency in .whl/ (installed with --no-index, for machines without a registry); in .dev/
 # the demo's config.json, tokenizer.json and tokenizer_config.json, and the two wikitext2 files (no
 # weights: the model is built at random there).
+# `large` (not in the default) quantizes a random Llama-3-8B-shaped checkpoint (15 GB in bf16, written block by
+# block first) with GPTQ W4 g128 on 128x512 samples and --device cuda: wall time, peak RSS, peak GPU memory.
 # Writes log.txt, tests.log and the benchmarks' JSON under $OUT (default out/device).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -89,4 +91,12 @@ fi
 
 if [[ $steps == *" generate "* ]]; then
   step generate 120 python3 -P scripts/bench_generate.py --shape llama3-8b --new-tokens 128 --json "$OUT/generate.json"
+fi
+
+if [[ $steps == *" large "* ]]; then
+  step make-8b 240 python3 -P scripts/make_random_model.py /tmp/rand-8b --shape 8b --tokenizer .dev --force
+  PYTHONPATH=$site:scripts step quantize-8b 540 python3 -P scripts/bench_quantize.py --model /tmp/rand-8b -- \
+    --method gptq --bits 4 --group-size 128 --calib .dev/valid.tokens.txt --n-samples 128 --seqlen 512 \
+    --device cuda > "$OUT/quantize-8b.json"
+  cat "$OUT/quantize-8b.json"
 fi

@@ -8,6 +8,7 @@ about 0.6 GB of RAM (peak RSS), the 13B one included. The same seed gives the sa
 
     python scripts/make_random_model.py /tmp/rand-1b --shape 1b                # 1.2B params, 2.3 GB, ~20 s
     python scripts/make_random_model.py /tmp/rand-1b-44 --shape 1b --layers 44 # the 1b shape twice as deep
+    python scripts/make_random_model.py /tmp/rand-8b --shape 8b                # Llama-3-8B's blocks, 7.0B params
     python scripts/make_random_model.py /tmp/rand-13b --shape 13b              # 13.2B params, 26 GB, ~3 min
 
 `--shape tiny` writes a 2-layer model in a few seconds, to try the script or a pipeline out.
@@ -35,6 +36,8 @@ SHAPES = {
                  num_attention_heads=4, num_key_value_heads=2),
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                num_attention_heads=32, num_key_value_heads=4),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8),
     "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
                 num_attention_heads=40, num_key_value_heads=40),
 }
@@ -57,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tie", action="store_true", help="tie lm_head to the embedding (no lm_head.weight)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--tokenizer", type=Path,
+                        help="a directory with a tokenizer of at most 49152 tokens (default: the demo model's)")
     args = parser.parse_args(argv)
     if args.out.exists() and not args.force:
         parser.error(f"{args.out} exists; pass --force to replace it")
@@ -65,13 +70,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def demo_tokenizer():
-    """(directory, tokenizer) of the demo model: the only real Llama-family tokenizer available offline."""
+def demo_tokenizer(path: Path | None = None):
+    """(directory, tokenizer): `path`'s, or the demo model's, the only real Llama-family tokenizer offline."""
     from transformers import AutoTokenizer
 
-    from llmquant.models.demo import demo_model_path
+    if path is None:
+        from llmquant.models.demo import demo_model_path
 
-    path = demo_model_path()
+        path = demo_model_path()
     return path, AutoTokenizer.from_pretrained(path)
 
 
@@ -217,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     from transformers.utils.hub import convert_file_size_to_int
 
-    tokenizer_dir, tokenizer = demo_tokenizer()
+    tokenizer_dir, tokenizer = demo_tokenizer(args.tokenizer)
     config = build_config(args, tokenizer)
     plan = tensor_plan(config)
     check_against_transformers(config, plan)
