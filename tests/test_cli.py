@@ -150,6 +150,8 @@ def test_bad_input_gives_one_line_errors(tiny_model_dir, broken_models, tmp_path
         (["quantize", tiny_model_dir, "--out", tiny_model_dir, "--force"], ["would replace the model"]),
         (["quantize", tiny_model_dir, "--out", out, "--work-dir", not_a_dir], ["--work-dir", "not a directory"]),
         (["quantize", tiny_model_dir, "--out", out, "--work-dir", out / "work"], ["inside --out"]),
+        (["quantize", tiny_model_dir, "--out", out, "--work-dir", tiny_model_dir], ["inside the model"]),
+        (["quantize", tiny_model_dir, "--out", out, "--max-memory", "2 lots"], ["--max-memory"]),
     ]
     for argv, needles in cases:
         assert_one_line_error(*run(capsys, *argv)[::2], *needles)
