@@ -244,3 +244,16 @@ def test_disk_full_during_the_write_keeps_the_previous_output(fmt, four_block_mo
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
     after = {p.name: p.read_bytes() for p in ([out] if out.is_file() else out.iterdir())}
     assert after == before
+
+
+def test_too_little_disk_is_refused_before_the_work(four_block_model, tmp_path, capsys, monkeypatch):
+    from collections import namedtuple
+
+    from llmquant.formats.gguf import writer
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(writer.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    out = tmp_path / "out.gguf"
+    assert_one_line_error(*run(capsys, "quantize", four_block_model, "--format", "gguf", "--gguf-type", "Q8_0",
+                               "--out", out)[::2], "needs about", "GiB are free")
+    assert list(tmp_path.iterdir()) == []

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,10 +244,15 @@ class GGUFSink:
         add_tokenizer(w, model_dir, tokenizer, config.vocab_size)
         for t in extra:
             w.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, raw_dtype=t.type)
+        total = 0
         for hf in self.order:
             kind, shape = types[names[hf]], tuple(state[hf].shape)
             row = gguf.quant_shape_to_byte_shape(shape, kind) if len(shape) > 1 else (shape[0] * _type_bytes(kind),)
             w.add_tensor_info(names[hf], row, np.dtype(np.uint8), math.prod(row), raw_dtype=kind)
+            total += math.prod(row)
+        free = shutil.disk_usage(Path(path).parent).free
+        if free < total:  # fail before the work, not when the disk fills
+            raise UserError(f"writing {path} needs about {total / 2**30:.2f} GiB; {free / 2**30:.2f} GiB are free")
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
