@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .activations import (BATCH_TOKENS, BlockInputs, Captured, Replay, budgeted_allocator, capture_inputs,
                           forward_block, in_memory)
+from .memory import solving
 from .models.adapters import ArchAdapter
 from .numerics.grid import QuantizedWeight
 
@@ -287,13 +288,15 @@ def _quantize_block(block: nn.Module, index: int, run: _Run) -> None:
     if run.checkpoint is not None:
         run.checkpoint.materialize(block, prefix, run.device, run.compute_dtype)
     block.to(device=run.device, dtype=run.compute_dtype)
-    if hasattr(run.solver, "prepare_block"):  # e.g. AWQ: search and fold scales before anything is rounded
-        run.solver.prepare_block(block, prefix, run.inputs, run.batch)
-    results = _solve_block(block, prefix, run.adapter, run.solver, run.targets, run.inputs, run.batch,
-                           run.compute_dtype)
-    block.to(device="cpu", dtype=run.model_dtype)
-    floats = {prefix + n: p.detach() for n, p in block.named_parameters()
+    with solving():
+        if hasattr(run.solver, "prepare_block"):  # e.g. AWQ: search and fold scales before anything is rounded
+            run.solver.prepare_block(block, prefix, run.inputs, run.batch)
+        results = _solve_block(block, prefix, run.adapter, run.solver, run.targets, run.inputs, run.batch,
+                               run.compute_dtype)
+    floats = {prefix + n: p.detach().to(device="cpu", dtype=run.model_dtype) for n, p in block.named_parameters()
               if not (n.endswith(".weight") and prefix + n.removesuffix(".weight") in results)}
+    if run.checkpoint is None:  # the model in memory goes on in its own dtype
+        block.to(device="cpu", dtype=run.model_dtype)
     if run.workdir is not None:
         run.workdir.save(index, results, {n: run.solver.report[n] for n in results if n in run.solver.report},
                          _streams(run.inputs), floats)
