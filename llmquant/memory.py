@@ -54,16 +54,17 @@ def default_budget() -> int:
 class Budget:
     """Bytes this run may hold on the host, and what is already promised."""
 
-    def __init__(self, limit: int, block_params: int, solver_bytes: int):
+    def __init__(self, limit: int, block_params: int, solver_bytes: int, batch_bytes: int = 0):
+        """`batch_bytes`: one batch of hidden states, whose attention and MLP intermediates a forward pass
+        holds besides the block."""
         self.limit = limit
-        self.block = BASE_BYTES + int(BLOCK_FACTOR * 4 * block_params) + solver_bytes
+        self.block = BASE_BYTES + int(BLOCK_FACTOR * 4 * block_params) + solver_bytes + BATCH_FACTOR * batch_bytes
         self.used = self.block
 
-    def check_block(self, batch_bytes: int) -> None:
-        need = self.block + BATCH_FACTOR * batch_bytes
-        if need > self.limit:
+    def check_block(self) -> None:
+        if self.block > self.limit:
             raise UserError(f"--max-memory {_gib(self.limit)} is too small: one decoder block and one batch of "
-                            f"activations need about {_gib(need)}")
+                            f"activations need about {_gib(self.block)}")
 
     def take(self, nbytes: int) -> bool:
         """Promise `nbytes` more if they fit; False (and nothing promised) if not."""
