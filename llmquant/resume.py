@@ -3,11 +3,12 @@
 
 A record holds the block's quantized tensors (integer-grid weights or GGUF block bytes), its solver
 report, and the block's other parameters as they left it (AWQ folds its scales into norms and
-biases); the newest record also holds the runner state (the calibration activations leaving that
-block). Every file is written beside its
-final name and renamed into place, so a `kill -9` leaves either a whole record or none. A
-fingerprint of the model, the calibration samples and the settings guards against resuming
-someone else's run.
+biases); beside the two newest records lies the runner state (the calibration activations leaving
+that block). Every file is written beside its final name and renamed into place, so a `kill -9`
+leaves either a whole record or none, and carries a checksum of its tensors, checked when it is read:
+a damaged record or state costs the blocks from it on (back to the last block whose state is kept, or
+to block 0), never the run. A fingerprint of the model, the calibration samples and the settings
+guards against resuming someone else's run.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import hashlib
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from .errors import UserError
 from .numerics.ggml import BlockTensor
@@ -29,6 +32,47 @@ from .version import __version__
 
 FIELDS = ("codes", "scales", "zeros", "g_idx")
 RECORD = re.compile(r"block-(\d{5})\.safetensors")
+STATES_KEPT = 2  # the newest record can be redone from the state before it
+
+
+class Damaged(UserError):
+    """A work-dir file that cannot be read back as written."""
+
+    def __init__(self, path: Path, what: str):
+        super().__init__(f"{path} ({what}) is damaged; run again with --resume to redo it")
+        self.path, self.what = path, what
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes, in name order: what a record's reader must get back,
+    whatever the file's layout."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def _save_verified(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` atomically with their digest in the header."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {**(metadata or {}), "sha256": tensors_digest(tensors)}
+    _write_atomic(path, lambda p: save_file(tensors, p, metadata=meta))
+
+
+def _load_verified(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a file `_save_verified` wrote; Damaged if it is missing, unreadable or not
+    what was written."""
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception:  # missing, truncated, a bad header: safetensors' own errors, OSError
+        raise Damaged(path, what) from None
+    if meta.get("sha256") != tensors_digest(tensors):
+        raise Damaged(path, what + ", checksum")
+    return tensors, meta
 
 
 def file_digest(path: Path, edge: int = 1 << 20) -> str:
@@ -100,51 +144,74 @@ class WorkDir:
         """State (the runner's hidden-state streams; none for uncalibrated runs) first, then the record:
         a whole record always has its state beside it."""
         if state:
-            _write_atomic(self._state(index), lambda p: save_file({k: v.contiguous().cpu() for k, v in state.items()},
-                                                                  p))
-        tensors = {f"float.{name}": t.detach().contiguous().cpu() for name, t in floats.items()}
+            _save_verified(state, self._state(index))
+        tensors = {f"float.{name}": t for name, t in floats.items()}
         specs = {}
         for name, qw in quantized.items():
             if isinstance(qw, BlockTensor):
-                tensors[f"{name}.data"] = qw.data.contiguous().cpu()
+                tensors[f"{name}.data"] = qw.data
                 specs[name] = {"gguf": qw.type.name, "in_features": qw.in_features}
             else:
-                tensors.update({f"{name}.{field}": getattr(qw, field).contiguous().cpu() for field in FIELDS})
+                tensors.update({f"{name}.{field}": getattr(qw, field) for field in FIELDS})
                 specs[name] = {"bits": qw.bits, "group_size": qw.group_size, "sym": qw.sym}
-        meta = {"report": json.dumps(report), "specs": json.dumps(specs)}
-        _write_atomic(self._record(index), lambda p: save_file(tensors, p, metadata=meta))
-        self._state(index - 1).unlink(missing_ok=True)  # only the newest state is ever needed
+        _save_verified(tensors, self._record(index), {"report": json.dumps(report), "specs": json.dumps(specs)})
+        self._state(index - STATES_KEPT).unlink(missing_ok=True)
 
     def load(self, index: int) -> tuple[dict[str, QuantizedWeight | BlockTensor], dict, dict[str, torch.Tensor]]:
-        """(quantized weights, their report, the block's other parameters by full name)."""
+        """(quantized weights, their report, the block's other parameters by full name); Damaged if the
+        record is not what was written."""
         from gguf import GGMLQuantizationType
 
+        what = f"the record of block {index}"
+        tensors, meta = _load_verified(self._record(index), what)
         quantized = {}
         try:
-            with safe_open(self._record(index), "pt") as f:
-                meta = f.metadata()
-                for name, spec in json.loads(meta["specs"]).items():
-                    if "gguf" in spec:
-                        quantized[name] = BlockTensor(GGMLQuantizationType[spec["gguf"]],
-                                                      f.get_tensor(f"{name}.data"), spec["in_features"])
-                    else:
-                        quantized[name] = QuantizedWeight(*(f.get_tensor(f"{name}.{field}") for field in FIELDS),
-                                                          spec["bits"], spec["group_size"], spec["sym"])
-                floats = {k.removeprefix("float."): f.get_tensor(k) for k in f.keys() if k.startswith("float.")}
-                report = json.loads(meta["report"])
-        except Exception:  # safetensors' own errors, bad JSON, missing keys: the record cannot be trusted
-            raise _damaged(self._record(index), f"the record of block {index}") from None
+            for name, spec in json.loads(meta["specs"]).items():
+                if "gguf" in spec:
+                    quantized[name] = BlockTensor(GGMLQuantizationType[spec["gguf"]], tensors[f"{name}.data"],
+                                                  spec["in_features"])
+                else:
+                    quantized[name] = QuantizedWeight(*(tensors[f"{name}.{field}"] for field in FIELDS),
+                                                      spec["bits"], spec["group_size"], spec["sym"])
+            report = json.loads(meta["report"])
+        except (KeyError, ValueError, TypeError):  # verified bytes, but not a record this version reads
+            raise Damaged(self._record(index), what) from None
+        floats = {k.removeprefix("float."): v for k, v in tensors.items() if k.startswith("float.")}
         return quantized, report, floats
 
     def load_state(self, index: int) -> dict[str, torch.Tensor]:
-        path = self._state(index)
-        if not path.exists():
-            raise UserError(f"--resume: {path} is missing; the work dir is incomplete")
-        try:
-            with safe_open(path, "pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}  # the fingerprint fixed which streams there are
-        except Exception:
-            raise _damaged(path, f"the activations after block {index}") from None
+        """The hidden-state streams leaving block `index` (the fingerprint fixed which there are)."""
+        return _load_verified(self._state(index), f"the activations after block {index}")[0]
+
+    def resume_point(self, stateful: bool) -> int:
+        """How many blocks to take from the records: every record before it and (`stateful`: the runner
+        carries activations) the state after its last block read back as written. A damaged file is
+        reported on stderr, and it and everything after it are deleted (newest first, so a fault leaves a
+        contiguous prefix); the run then redoes those blocks."""
+        done = self.completed()
+        for index in range(done):
+            try:
+                self.load(index)
+            except Damaged as err:
+                done = self._back_to(index, err)
+                break
+        while stateful and done:
+            try:
+                self.load_state(done - 1)
+                break
+            except Damaged as err:  # then the block before it: its state is the other one kept
+                done = self._back_to(done - 1, err)
+        return done
+
+    def _back_to(self, index: int, err: Damaged) -> int:
+        tqdm.write(f"llmquant: {err.path.name} in {self.path} ({err.what}) is damaged or missing; "
+                   f"redoing block {index} and after", file=sys.stderr)
+        numbered = [(int(m.group(2)), p) for p in self.path.iterdir()
+                    if (m := re.fullmatch(r"(block|state)-(\d{5})\.safetensors", p.name))]
+        for number, path in sorted(numbered, key=lambda item: -item[0]):
+            if number >= index:
+                path.unlink(missing_ok=True)
+        return index
 
 
 def _damaged(path: Path, what: str) -> UserError:

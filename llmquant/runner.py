@@ -221,7 +221,7 @@ def run_layers(model: nn.Module, adapter: ArchAdapter, solver: Solver, targets: 
     blocks = adapter.blocks(model)
     model_dtype = next(model.parameters()).dtype
     compute_dtype = torch.float32 if device.type == "cpu" else model_dtype
-    done = workdir.completed() if workdir is not None else 0
+    done = workdir.resume_point(stateful=solver.calibrated) if workdir is not None else 0
     for index in range(done):
         quantized, report, floats = workdir.load(index)
         if checkpoint is None:  # the model in memory computes with what was recorded

@@ -34,6 +34,8 @@ RUNS = {  # what a run writes, and the flags that make it
     "gptq-float-targets": ("dir", ["--method", "gptq", "--bits", "2", "--group-size", "32", "--float-targets"]),
     # block-wise tuning draws random batches: a resumed run must draw the same ones for the blocks it solves
     "gptq-tuned": ("dir", ["--method", "gptq", "--bits", "3", "--group-size", "32", "--tune-iters", "4"]),
+    # no activations to carry: any record can be redone on its own
+    "rtn": ("dir", ["--method", "rtn", "--bits", "4", "--group-size", "32"]),
 }
 
 
@@ -92,18 +94,60 @@ def test_resume_refuses_a_different_run(setup, capsys):
     assert "--work-dir" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("damage", ["fingerprint.json", "block-00001.safetensors"])
-def test_a_damaged_work_dir_is_one_line(damage, setup, capsys):
-    """A truncated fingerprint or block record: named in one line, never a traceback."""
+def test_a_damaged_fingerprint_is_one_line(setup, capsys):
+    """A truncated fingerprint: the run cannot tell whose work dir it is, so it stops, naming the file."""
     root, model, calib = setup
-    work = root / f"work-{damage}"
-    assert main(args(model, calib, root / f"e-{damage}", "--work-dir", str(work))) == 0
-    target = work / damage
+    work = root / "work-fingerprint"
+    assert main(args(model, calib, root / "e-fingerprint", "--work-dir", str(work))) == 0
+    target = work / "fingerprint.json"
     target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 2])
     capsys.readouterr()
-    code = main(args(model, calib, root / f"f-{damage}", "--work-dir", str(work), "--resume"))
+    code = main(args(model, calib, root / "f-fingerprint", "--work-dir", str(work), "--resume"))
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("llmquant: error:")]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert target.name in lines[0] and "damaged" in lines[0]
-    assert not (root / f"f-{damage}").exists()
+    assert not (root / "f-fingerprint").exists()
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+def flip_last_byte(path: Path) -> None:
+    """A bit of tensor data flipped: the file still parses; only the checksum can tell."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {  # (run, file, how, the block the resumed run redoes from)
+    "newest record truncated": ("gptq", "block-00005.safetensors", truncate, 5),
+    "newest state flipped": ("gptq", "state-00005.safetensors", flip_last_byte, 5),
+    "older record flipped": ("gptq", "block-00001.safetensors", flip_last_byte, 0),  # no state 0 kept: from 0
+    "rtn record flipped": ("rtn", "block-00002.safetensors", flip_last_byte, 2),  # no state needed
+    "float targets state": ("gptq-float-targets", "state-00005.safetensors", truncate, 5),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_a_damaged_record_is_redone_and_the_result_is_byte_identical(case, setup, capsys):
+    """Every record and state carries a checksum: a damaged one is named on stderr, the blocks from it on
+    (or from the last block whose input activations are kept) are redone, and the output is the same."""
+    run, name, damage, redo_from = DAMAGE[case]
+    root, model, calib = setup
+    tag = case.replace(" ", "-")
+    reference, out, work = root / f"ref-{tag}", root / f"out-{tag}", root / f"work-{tag}"
+    assert main(args(model, calib, reference, run=run)) == 0
+    assert main(args(model, calib, root / f"first-{tag}", "--work-dir", str(work), run=run)) == 0
+    records = sorted(p.name for p in work.glob("*.safetensors"))
+    damage(work / name)
+    capsys.readouterr()
+    assert main(args(model, calib, out, "--work-dir", str(work), "--resume", run=run)) == 0
+    err = capsys.readouterr().err
+    assert name in err and "damaged" in err and f"redoing block {redo_from} and after" in err, err
+    assert "Traceback" not in err
+    want, got = output_bytes(reference), output_bytes(out)
+    assert sorted(got) == sorted(want) and all(got[k] == want[k] for k in want)
+    assert sorted(p.name for p in work.glob("*.safetensors")) == records  # the work dir is whole again
+
