@@ -9,7 +9,7 @@ import json
 import os
 import sys
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 EPILOG = "MODEL is a local Hugging Face checkpoint directory, a Hub id (online), or 'demo' (SmolLM2-135M-Instruct)."
 
@@ -292,8 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         COMMANDS[args.command](args)
-    except UserError as err:
-        print(f"llmquant: error: {err}", file=sys.stderr)
+    except Exception as err:  # every failure a user can act on is one line; a bug keeps its traceback
+        line = one_line(err)
+        if line is None:
+            raise
+        print(f"llmquant: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("llmquant: interrupted", file=sys.stderr)

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -95,11 +95,23 @@ def fingerprint(model_dir: Path, samples: torch.Tensor | None, settings: dict) -
 
 
 def _write_atomic(path: Path, write) -> None:
+    """`write(temporary)`, flushed, then renamed onto `path`; a failed write leaves `path` as it was."""
     tmp = path.with_name(path.name + ".partial")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as err:
+        tmp.unlink(missing_ok=True)
+        reason = err.strerror if isinstance(err, OSError) else _io_reason(str(err))
+        raise UserError(f"writing {path} failed: {reason}") from None
+
+
+def _io_reason(message: str) -> str:
+    """The OS's words inside a safetensors error ('... message: "No space left on device" })')."""
+    found = re.search(r'message: "([^"]+)"', message)
+    return found.group(1) if found else message
 
 
 class WorkDir:
@@ -108,9 +120,11 @@ class WorkDir:
         self.path.mkdir(parents=True, exist_ok=True)
         meta = self.path / "fingerprint.json"
         done = self.completed()
-        if resume:
-            if not meta.exists():
-                raise UserError(f"--resume: {self.path} holds no earlier run")
+        if resume and not meta.exists():
+            if done:
+                raise _damaged(meta, "the run's fingerprint, missing")
+            tqdm.write(f"llmquant: nothing is recorded in {self.path} yet; starting from block 0", file=sys.stderr)
+        elif resume:
             try:
                 old = json.loads(meta.read_text())
                 assert isinstance(old, dict)

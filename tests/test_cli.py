@@ -170,3 +170,60 @@ def test_bad_input_gives_one_line_errors(tiny_model_dir, broken_models, tmp_path
         assert_one_line_error(*run(capsys, "generate", tiny_model_dir, "--prompt", "hi", "--max-new-tokens", n)[::2],
                               "--max-new-tokens")
     assert_one_line_error(*run(capsys, "generate", tiny_model_dir, "--prompt", " ")[::2], "--prompt")
+
+
+def test_failures_of_the_machine_are_one_line_and_bugs_keep_their_traceback(tiny_model_dir, tmp_path, capsys,
+                                                                           monkeypatch):
+    """One place (errors.one_line) turns what a user can act on into a line; anything else is a bug to see."""
+    import errno
+
+    from llmquant.models import checkpoint
+    from llmquant.quant.rtn import RTNSolver
+
+    out = tmp_path / "out"
+    quantize = ["quantize", tiny_model_dir, "--out", out]
+
+    def raising(err):
+        def fail(*args, **kwargs):
+            raise err
+        return fail
+
+    monkeypatch.setattr(RTNSolver, "quantize", raising(MemoryError()))
+    assert_one_line_error(*run(capsys, *quantize)[::2], "out of host memory", "--max-memory")
+    monkeypatch.setattr(RTNSolver, "quantize", raising(OSError(errno.EIO, "Input/output error", "/mnt/x/model")))
+    assert_one_line_error(*run(capsys, *quantize)[::2], "/mnt/x/model: Input/output error")
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    monkeypatch.setattr(RTNSolver, "quantize", raising(ValueError("a bug")))
+    with pytest.raises(ValueError, match="a bug"):
+        main([str(a) for a in quantize])
+    monkeypatch.undo()
+    monkeypatch.setattr(checkpoint, "safe_open", raising(PermissionError(errno.EACCES, "Permission denied",
+                                                                         "model.safetensors")))
+    assert_one_line_error(*run(capsys, *quantize)[::2], "model.safetensors", "Permission denied")
+    assert not out.exists()
+
+
+def test_non_finite_values_in_a_packed_checkpoint_or_gguf_are_refused_by_name(tiny_model_dir, tmp_path, text_file,
+                                                                               capsys):
+    """What would make every result wrong is refused where it is read, naming the file and the tensor."""
+    import gguf
+    import numpy as np
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    packed, file = tmp_path / "packed", tmp_path / "q.gguf"
+    assert run(capsys, "quantize", tiny_model_dir, "--group-size", 32, "--out", packed)[0] == 0
+    assert run(capsys, "quantize", tiny_model_dir, "--format", "gguf", "--gguf-type", "Q8_0", "--out", file)[0] == 0
+    weights = packed / "model.safetensors"
+    with safe_open(weights, "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    tensors["model.layers.1.self_attn.o_proj.scales"][0, 1] = float("inf")
+    save_file(tensors, weights, metadata=meta)
+    assert_one_line_error(*run(capsys, "eval", packed, "--data", text_file, "--seqlen", 64)[::2],
+                          str(weights), "model.layers.1.self_attn.o_proj.scales", "NaN or Inf")
+    norm = next(t for t in gguf.GGUFReader(file).tensors if t.name == "blk.0.attn_norm.weight")
+    with open(file, "r+b") as f:
+        f.seek(int(norm.data_offset) + 4 * 3)
+        f.write(np.array([np.nan], dtype=np.float32).tobytes())
+    assert_one_line_error(*run(capsys, "eval", file, "--data", text_file, "--seqlen", 64)[::2],
+                          str(file), "blk.0.attn_norm.weight", "NaN or Inf")

@@ -161,13 +161,10 @@ def atomic_directory(dest: Path, force: bool = False):
         yield tmp
         _finish([*tmp.rglob("*"), tmp])
         _replace_directory(tmp, dest)
-    except OSError as err:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         recover(dest)
-        raise UserError(f"writing {dest} failed: {err.strerror or err}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        recover(dest)
+        _raise_as_write_error(err, dest, tmp)
         raise
 
 
@@ -192,9 +189,15 @@ def atomic_file(dest: Path, force: bool = False):
         yield tmp
         _finish([tmp])
         os.replace(tmp, dest)
-    except OSError as err:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
-        raise UserError(f"writing {dest} failed: {err.strerror or err}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        _raise_as_write_error(err, dest, tmp)
         raise
+
+
+def _raise_as_write_error(err: BaseException, dest: Path, tmp: Path) -> None:
+    """An OSError of the output's own writes says so, naming `dest`; any other (reading the model, say)
+    goes on as it is, naming its own file."""
+    if isinstance(err, OSError) and (err.filename is None or str(err.filename).startswith(str(tmp))
+                                     or str(err.filename).startswith(str(dest))):
+        raise UserError(f"writing {dest} failed: {err.strerror or err}") from None

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..errors import UserError
+from ..errors import UserError, require_finite
 from ..models.loader import tensor_headers
 from ..nn.qlinear import QuantLinear
 from ..numerics.grid import SUPPORTED_BITS, QuantizedWeight
@@ -266,11 +266,12 @@ def load_quantized(path: Path, device: str | torch.device = "cpu") -> torch.nn.M
     for f, names in by_file.items():
         with safe_open(f, "pt") as handle:
             for name in names:
+                value = handle.get_tensor(name)
+                require_finite(value, f, name)
                 if name in repacked:
                     module, _, field = name.rpartition(".")
-                    awq_tensors.setdefault(module, {})[field] = handle.get_tensor(name)
+                    awq_tensors.setdefault(module, {})[field] = value
                 else:
-                    value = handle.get_tensor(name)
                     if name.endswith(".g_idx") and name.removesuffix(".g_idx") in packed:
                         groups = expected[name.removesuffix("g_idx") + "scales"].shape[0]
                         value = _checked_g_idx(path, name, value, groups)

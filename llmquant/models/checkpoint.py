@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..errors import UserError
+from ..errors import UserError, require_finite
 from ..memory import weights_from_the_system
 from .adapters import ArchAdapter, adapter_for
 from .loader import read_config, resolve_model
@@ -151,8 +151,7 @@ class Checkpoint:
         shard = self.index[name]
         with safe_open(shard, "pt") as f:  # closed at once: a mapping kept open would keep its pages resident
             tensor = f.get_tensor(name).to(self.dtype)
-        if not torch.isfinite(tensor).all():
-            raise UserError(f"{shard}: tensor '{name}' contains NaN or Inf values")
+        require_finite(tensor, shard, name)
         return tensor if dtype is None else tensor.to(dtype)
 
     def materialize(self, module: nn.Module, prefix: str, device="cpu", dtype: torch.dtype | None = None) -> nn.Module:

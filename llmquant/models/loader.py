@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from safetensors import safe_open
 
-from ..errors import UserError
+from ..errors import UserError, require_finite
 from .adapters import ArchAdapter, adapter_for
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
@@ -89,12 +89,6 @@ def check_safetensors(path: Path) -> None:
     raise UserError(f"no .safetensors weights in {path}{hint}")
 
 
-def check_finite(model: torch.nn.Module) -> None:
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise UserError(f"tensor '{name}' contains NaN or Inf values")
-
-
 def load_float_model(name: str | Path, dtype: torch.dtype | None = None,
                      trust_remote_code: bool = False) -> tuple[torch.nn.Module, object, ArchAdapter, Path]:
     """(model on CPU in eval mode, tokenizer, adapter, local path) for a float checkpoint."""
@@ -113,5 +107,6 @@ def load_float_model(name: str | Path, dtype: torch.dtype | None = None,
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load {path}: {str(err).splitlines()[0]}") from None
-    check_finite(model)
+    for name, tensor in model.state_dict().items():
+        require_finite(tensor, path, name)
     return model.eval(), tokenizer, adapter, path

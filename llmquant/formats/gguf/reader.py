@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from ...errors import UserError
+from ...errors import UserError, require_finite
 from .mixes import MIXES
 from ...numerics.ggml import FORMATS
 from .validate import GGUFSummary, check_gguf
@@ -92,6 +92,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
         if name not in by_name:
             raise UserError(f"{path}: tensor {name} (for {hf}) is missing")
         values = _tensor(mm, summary, by_name[name])
+        require_finite(values, path, name)
         heads = heads_of(hf, config)
         if heads is not None and arch in PERMUTED:
             values = unpermute_rows(values, heads)
