@@ -48,11 +48,22 @@ def _move(value, device, dtype):
 
 @dataclass
 class BlockInputs:
-    hidden: torch.Tensor  # [N, L, H] on the work device, compute dtype
-    kwargs: dict  # captured at batch size 1; broadcast over any batch
+    """The calibration activations entering a block. They live on the host (in memory or memory-mapped)
+    unless the work device is the CPU too; each batch goes to the work device (`device`) for its forward."""
+
+    hidden: torch.Tensor  # [N, L, H], compute dtype
+    kwargs: dict  # captured at batch size 1, on the work device; broadcast over any batch
     reference: torch.Tensor | None = None  # the float model's hidden states at the same block (float targets)
     mapped: list = field(default_factory=list)  # memory.MappedTensors behind hidden / reference, if on disk
     budget: object | None = None  # memory.Budget that optional records are taken from (None: ask the system)
+    device: torch.device | None = None  # the work device (None: where `hidden` is)
+
+    def __post_init__(self):
+        self.device = torch.device(self.device) if self.device is not None else self.hidden.device
+
+    def batch(self, stream: torch.Tensor, rows) -> torch.Tensor:
+        """Rows of a stream (hidden or reference) on the work device."""
+        return stream[rows].to(self.device, non_blocking=True)
 
     def trim(self) -> None:
         """After a batch: the pages of memory-mapped streams go back to the system."""
@@ -64,8 +75,8 @@ class BlockInputs:
 def capture_inputs(model: nn.Module, adapter: ArchAdapter, samples: torch.Tensor, device, dtype,
                    allocate=None) -> BlockInputs:
     """Run the model up to block 0 for each sample (on the model's own device, cheap: embeddings only).
-    `allocate(name, shape, dtype)` gives the tensor the hidden states are kept in and the MappedTensor behind
-    it, if any (default: a tensor in memory on `device`)."""
+    `allocate(name, shape, dtype)` gives the host tensor the hidden states are kept in and the MappedTensor
+    behind it, if any (default: host memory, pinned when the work device is a GPU)."""
     blocks = adapter.blocks(model)
     catcher = Catcher(blocks[0])
     blocks[0] = catcher
@@ -80,16 +91,18 @@ def capture_inputs(model: nn.Module, adapter: ArchAdapter, samples: torch.Tensor
                 shape = (samples.shape[0], *catcher.hidden.shape[1:])
                 hidden, backing = (allocate or in_memory(device))("hidden", shape, dtype)
                 mapped += [backing] if backing is not None else []
-            hidden[i:i + 1] = catcher.hidden.to(device=device, dtype=dtype)
+            hidden[i:i + 1] = catcher.hidden.to(dtype=dtype)
     finally:
         blocks[0] = catcher.block
     drop = {"past_key_values", "past_key_value", "use_cache", "output_attentions"}
     kwargs = {k: _move(v, device, dtype) for k, v in catcher.kwargs.items() if k not in drop}
-    return BlockInputs(hidden, kwargs, mapped=mapped)
+    return BlockInputs(hidden, kwargs, mapped=mapped, device=device)
 
 
 def in_memory(device):
-    return lambda name, shape, dtype: (torch.empty(shape, device=device, dtype=dtype), None)
+    """Host memory for activations that fit; pinned for a GPU, so batches copy to it asynchronously."""
+    pin = torch.device(device).type == "cuda"
+    return lambda name, shape, dtype: (torch.empty(shape, dtype=dtype, pin_memory=pin), None)
 
 
 class Replay(nn.Module):
@@ -130,11 +143,11 @@ def forward_block(block: nn.Module, inputs: BlockInputs, batch: int, update: boo
             replay.batch = index
         for module, hidden in streams:
             try:
-                out = module(hidden[start:start + batch], **inputs.kwargs)
+                out = module(inputs.batch(hidden, slice(start, start + batch)), **inputs.kwargs)
             except Captured:
                 continue
             if update:
-                hidden[start:start + batch] = out[0] if isinstance(out, tuple) else out
+                hidden[start:start + batch] = out[0] if isinstance(out, tuple) else out  # back to the host
         inputs.trim()
 
 

@@ -98,8 +98,8 @@ def _replay_finished(block: nn.Module, adapter: ArchAdapter, solved: set[str], t
 def _keep(nbytes: int, inputs: BlockInputs) -> bool:
     """Whether `nbytes` more of optional replay records may be kept: within the run's budget on the host
     (taken from it; `_solve_block` gives it back), or leaving at least as much free on a GPU."""
-    if inputs.hidden.device.type == "cuda":
-        return 2 * nbytes <= torch.cuda.mem_get_info(inputs.hidden.device)[0]
+    if inputs.device.type == "cuda":
+        return 2 * nbytes <= torch.cuda.mem_get_info(inputs.device)[0]
     if inputs.budget is not None:
         return inputs.budget.take(nbytes)
     try:
@@ -162,7 +162,8 @@ def _solve_block(block: nn.Module, prefix: str, adapter: ArchAdapter, solver: So
                 for module in [m for m in (block, observed) if m is not None]:
                     _replay_finished(module, adapter, solved, tail_inputs.get(module, {}))
         if reference is not None:  # the float stream moves on first: its outputs are what tuning aims at
-            forward_block(reference, BlockInputs(inputs.reference, inputs.kwargs), batch, update=True)
+            forward_block(reference, BlockInputs(inputs.reference, inputs.kwargs, device=inputs.device), batch,
+                          update=True)
         if getattr(solver, "tunes_blocks", False):
             _unreplay(block)
             tuned = solver.finish_block(block, prefix, inputs, inputs.reference, block_results)
@@ -236,7 +237,7 @@ def run_layers(model: nn.Module, adapter: ArchAdapter, solver: Solver, targets: 
         if checkpoint is not None:
             checkpoint.materialize(embedding, _prefix_of(model, embedding))
         streams = 1 + (getattr(solver, "float_targets", False) or getattr(solver, "tunes_blocks", False))
-        allocate = budgeted_allocator(budget, spill_dir, streams) if budget and device.type == "cpu" else None
+        allocate = budgeted_allocator(budget, spill_dir, streams) if budget else None
         inputs = capture_inputs(model, adapter, samples, device, compute_dtype, allocate)
         if checkpoint is not None:
             checkpoint.release(embedding)
@@ -246,7 +247,7 @@ def run_layers(model: nn.Module, adapter: ArchAdapter, solver: Solver, targets: 
             inputs.reference.copy_(inputs.hidden)
             inputs.mapped += [backing] if backing is not None else []
         batch = max(1, batch_tokens // samples.shape[1])
-        if budget is not None and device.type == "cpu":
+        if budget is not None:
             inputs.budget = budget
             if progress:
                 _say_where(inputs, allocate, adapter, model, streams)

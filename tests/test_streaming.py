@@ -257,3 +257,38 @@ def test_too_little_disk_is_refused_before_the_work(four_block_model, tmp_path, 
     assert_one_line_error(*run(capsys, "quantize", four_block_model, "--format", "gguf", "--gguf-type", "Q8_0",
                                "--out", out)[::2], "needs about", "GiB are free")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_activations_stay_on_the_host_and_each_batch_goes_to_the_work_device(device, four_block_model, calib,
+                                                                             tmp_path, capsys, monkeypatch):
+    """Only the block and one batch need to be on a GPU: the activation streams (hidden and float reference)
+    live on the host, and every block forward (propagation, float targets, tuning) gets its batch on the work
+    device. On the CPU the same code runs with both on the host."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU: the CPU twin of this test checks the same code path")
+    from llmquant import runner
+
+    streams, forwards = [], set()
+    real_capture = runner.capture_inputs
+
+    def capture(*args, **kwargs):
+        inputs = real_capture(*args, **kwargs)
+        streams.append((inputs.hidden.device.type, inputs.device.type))
+        return inputs
+
+    def where(module, args, kwargs):
+        if type(module).__name__.endswith("DecoderLayer"):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            forwards.add(hidden.device.type)
+
+    monkeypatch.setattr(runner, "capture_inputs", capture)
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, a: where(m, a, {}))
+    try:
+        code, _, err = run(capsys, "quantize", four_block_model, "--method", "gptq", "--bits", 4, "--group-size", 32,
+                           "--float-targets", "--tune-iters", 2, "--calib", calib, "--n-samples", 8, "--seqlen", 64,
+                           "--device", device, "--out", tmp_path / "out")
+    finally:
+        hook.remove()
+    assert code == 0, err
+    assert streams == [("cpu", device)] and forwards == {device}

@@ -118,7 +118,7 @@ class BlockJudge:
         n, seqlen = inputs.hidden.shape[:2]
         count = min(n, math.ceil(tokens / seqlen))
         self.block, self.batch = block, batch
-        self.hidden, self.kwargs = inputs.hidden[torch.arange(count) * (n // count)], inputs.kwargs
+        self.hidden, self.kwargs = inputs.batch(inputs.hidden, torch.arange(count) * (n // count)), inputs.kwargs
         self.target = self._output()
 
     def _output(self) -> torch.Tensor:

@@ -60,8 +60,7 @@ def tune_block(block: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, kw
     """New QuantizedWeights for `weights` (linear name in block -> (its GPTQ result, unrounded codes)),
     tuned so that block(hidden[i]) approaches targets[i], the float block's output for sample i.
     Also returns the mean block-output error of the first and last steps."""
-    device = hidden.device
-    dtype = next(block.parameters()).dtype
+    device, dtype = next(block.parameters()).device, next(block.parameters()).dtype  # hidden may be on the host
     offsets = {n: torch.zeros_like(u, requires_grad=True) for n, (_, u) in weights.items()}
     log_scales = {n: torch.zeros_like(qw.scales, device=device, requires_grad=True) for n, (qw, _) in weights.items()}
     size = min(spec.samples, hidden.shape[0])
@@ -73,9 +72,9 @@ def tune_block(block: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, kw
         with torch.enable_grad():
             params = {f"{n}.weight": _unrounded_grid(qw, u, offsets[n], log_scales[n]).to(dtype)
                       for n, (qw, u) in weights.items()}
-            out = torch.func.functional_call(block, params, (_trainable(hidden[index]),), kwargs)
+            out = torch.func.functional_call(block, params, (_trainable(hidden[index].to(device)),), kwargs)
             out = out[0] if isinstance(out, tuple) else out
-            loss = (out.float() - targets[index].float()).pow(2).mean()
+            loss = (out.float() - targets[index].to(device).float()).pow(2).mean()
             grads = torch.autograd.grad(loss, [*offsets.values(), *log_scales.values()])
         losses.append(float(loss))
         step_lr = spec.lr * (1 - step / spec.iters)
