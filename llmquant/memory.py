@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import mmap
 import os
 import re
@@ -115,11 +116,19 @@ WEIGHT_SIZED = 4 << 20  # outside the solvers, allocations this large come from 
 REUSED = 32 << 20  # inside them: glibc's own ceiling for its moving threshold
 
 
-def _mmap_threshold(nbytes: int) -> None:
+@functools.cache
+def _glibc():
+    """glibc's allocator controls, or None where the C library is another (its allocator keeps its policy)."""
     try:
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, nbytes)
-    except (OSError, AttributeError):  # not glibc: its allocator keeps its own policy
-        pass
+        libc = ctypes.CDLL("libc.so.6")
+        return libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _mmap_threshold(nbytes: int) -> None:
+    if _glibc() is not None:
+        _glibc()[0](M_MMAP_THRESHOLD, nbytes)
 
 
 def weights_from_the_system() -> None:
@@ -140,7 +149,5 @@ def solving():
         yield
     finally:
         _mmap_threshold(WEIGHT_SIZED)
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+        if _glibc() is not None:
+            _glibc()[1](0)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmquant.numerics.ggml import FORMATS
+from llmquant.numerics.ggml import CODECS
 from llmquant.quant.ggml_affine import affine, level_bits
 from llmquant.quant.ggml_solver import gptq_blocks
 
@@ -17,7 +17,7 @@ BITS = {"Q8_0": 8, "Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q2_K": 2, "Q3_K"
 
 @pytest.mark.parametrize("name", BLOCK_TYPES)
 def test_learned_code_bits_describe_the_format(name):
-    fmt, bits = FORMATS[name], level_bits(name)
+    fmt, bits = CODECS[name], level_bits(name)
     assert bits.cmax == 2 ** BITS[name] - 1 and len(bits.byte) == fmt.block_size * BITS[name]
     gen = torch.Generator().manual_seed(1)
     raw = fmt.quantize(torch.randn(12, 2 * fmt.block_size, generator=gen)).reshape(12, 2, fmt.type_size)
@@ -43,7 +43,7 @@ def _layer(cols: int, seed: int = 0):
 @pytest.mark.parametrize("name", ["Q4_0", "Q5_1", "Q2_K", "Q4_K", "Q6_K"])
 def test_gptq_on_block_grids_beats_importance_weighted_rounding(name):
     """Output error tr(D H D^T): GPTQ's feedback must clearly beat the imatrix fit of the same format."""
-    fmt = FORMATS[name]
+    fmt = CODECS[name]
     weight, H = _layer(512)
     raw, _, damp = gptq_blocks(weight, H, fmt)
     assert raw.shape == (96, 512 // fmt.block_size * fmt.type_size) and damp == 0.01

@@ -121,12 +121,12 @@ def test_file_reads_the_same_in_gguf_and_transformers(family, wide_models, tmp_p
         if name.endswith("inv_freq"):
             continue
         assert torch.equal(value, theirs_state[name]), name
-    from llmquant.numerics.ggml import FORMATS
+    from llmquant.numerics.ggml import CODECS
 
     t = names["blk.1.ffn_down.weight"]
     raw = np.array(t.data)  # [rows, row bytes]
     ggml = gguf.quants.dequantize(raw, t.tensor_type)
-    assert np.array_equal(FORMATS[t.tensor_type.name].dequantize(torch.from_numpy(raw), int(t.shape[0])).numpy(), ggml)
+    assert np.array_equal(CODECS[t.tensor_type.name].dequantize(torch.from_numpy(raw), int(t.shape[0])).numpy(), ggml)
 
 
 def test_q8_0_file_scores_like_the_float_model(tiny_model_dir, tmp_path):

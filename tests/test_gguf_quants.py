@@ -16,7 +16,7 @@ from gguf import quants as gq
 
 from llmquant.errors import UserError
 from llmquant.numerics import ggml as quants
-from llmquant.numerics.ggml import FORMATS
+from llmquant.numerics.ggml import CODECS
 
 LEGACY = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
@@ -62,24 +62,24 @@ def _same_floats(a, b) -> bool:
 # ---------------------------------------------------------------- layout and validation
 
 def test_formats_table_matches_ggml():
-    assert sorted(FORMATS) == sorted(LEGACY + K_TYPES + FLOATS)
-    for name, fmt in FORMATS.items():
+    assert sorted(CODECS) == sorted(LEGACY + K_TYPES + FLOATS)
+    for name, fmt in CODECS.items():
         assert fmt.ggml_type == GGMLQuantizationType[name]
         assert (fmt.block_size, fmt.type_size) == GGML_QUANT_SIZES[fmt.ggml_type]
 
 
 def test_bad_shapes_are_user_errors():
     with pytest.raises(UserError):
-        FORMATS["Q4_K"].quantize(torch.zeros(2, 100))
+        CODECS["Q4_K"].quantize(torch.zeros(2, 100))
     with pytest.raises(UserError):
-        FORMATS["Q4_0"].quantize(torch.zeros(2, 64), importance=torch.ones(32))
+        CODECS["Q4_0"].quantize(torch.zeros(2, 64), importance=torch.ones(32))
     with pytest.raises(UserError):
-        FORMATS["Q6_K"].dequantize(torch.zeros(2, 209, dtype=torch.uint8), 256)
+        CODECS["Q6_K"].dequantize(torch.zeros(2, 209, dtype=torch.uint8), 256)
 
 
 @pytest.mark.parametrize("name", LEGACY + K_TYPES + FLOATS)
 def test_leading_dims_and_sizes(name):
-    fmt = FORMATS[name]
+    fmt = CODECS[name]
     x = torch.randn(2, 3, 512, generator=_gen(0))
     data = fmt.quantize(x.to(torch.bfloat16))
     assert data.dtype == torch.uint8 and data.shape == (2, 3, 512 // fmt.block_size * fmt.type_size)
@@ -92,7 +92,7 @@ def test_leading_dims_and_sizes(name):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")   # random fp16 scales include inf and NaN
 @pytest.mark.parametrize("name", LEGACY + K_TYPES + FLOATS)
 def test_decoder_matches_gguf_on_random_bytes(name):
-    fmt = FORMATS[name]
+    fmt = CODECS[name]
     raw = torch.randint(0, 256, (5, 4 * fmt.type_size), dtype=torch.uint8, generator=_gen(1))
     n = 4 * fmt.block_size
     theirs = gq.dequantize(raw.numpy(), fmt.ggml_type).reshape(5, n)
@@ -101,7 +101,7 @@ def test_decoder_matches_gguf_on_random_bytes(name):
 
 @pytest.mark.parametrize("name", LEGACY + K_TYPES)
 def test_decoder_matches_gguf_on_encoded_bytes(name):
-    fmt = FORMATS[name]
+    fmt = CODECS[name]
     for x in _inputs(6, 512, seed=2).values():
         data = fmt.quantize(x)
         assert _same_floats(fmt.dequantize(data, 512).numpy(), gq.dequantize(data.numpy(), fmt.ggml_type))
@@ -114,7 +114,7 @@ def _c_signed_zeros(name: str, x: np.ndarray, theirs: np.ndarray) -> np.ndarray:
     against the compiled C). Q4_0/Q5_0 all-zero blocks: d = (+0)/-8 = -0.0, as C's max starts at
     +0. Q4_1/Q5_1: when the block minimum is a zero, m is the first zero of the block (C keeps the
     first of equal values; np.min may return either zero), and an all-zero block has d = +0."""
-    blocks = theirs.reshape(len(x), -1, FORMATS[name].type_size).copy()
+    blocks = theirs.reshape(len(x), -1, CODECS[name].type_size).copy()
     xb = x.reshape(len(x), blocks.shape[1], -1)
     if name in ("Q4_0", "Q5_0"):
         blocks[(xb == 0).all(-1), 0:2] = np.array([-0.0], np.float16).view(np.uint8)
@@ -128,7 +128,7 @@ def _c_signed_zeros(name: str, x: np.ndarray, theirs: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("name", LEGACY + FLOATS)
 def test_reference_encoder_matches_gguf_bytes(name):
-    fmt = FORMATS[name]
+    fmt = CODECS[name]
     for label, x in _inputs(8, 1024, seed=3).items():
         theirs = gq.quantize(x.numpy(), fmt.ggml_type).view(np.uint8).reshape(8, -1)
         if name in LEGACY:
@@ -141,7 +141,7 @@ def test_q8_0_rounds_half_away_from_zero():
     x = torch.zeros(1, 32)
     x[0, 0] = 127.0   # d = 1, id = 1
     x[0, 1:7] = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, 0.49999997])
-    q = FORMATS["Q8_0"].quantize(x)[0, 2:].view(torch.int8)
+    q = CODECS["Q8_0"].quantize(x)[0, 2:].view(torch.int8)
     assert q[:7].tolist() == [127, 1, 2, 3, -1, -3, 0]
     assert np.array_equal(q.numpy().view(np.uint8), gq.quantize(x.numpy(), GGMLQuantizationType.Q8_0)[0, 2:])
 
@@ -509,7 +509,7 @@ needs_nep50 = pytest.mark.skipif(int(np.__version__.split(".")[0]) < 2,
 @pytest.mark.parametrize("name", K_TYPES)
 @pytest.mark.parametrize("weighted", [False, True], ids=["ref", "imatrix"])
 def test_k_type_matches_literal_port(name, weighted):
-    fmt = FORMATS[name]
+    fmt = CODECS[name]
     x = _oracle_rows()
     qw = _importance(x.shape[1]) if weighted else None
     ours = fmt.dequantize(fmt.quantize(x, qw), x.shape[1]).numpy()
@@ -520,7 +520,7 @@ def test_k_type_matches_literal_port(name, weighted):
 @needs_nep50
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1"])
 def test_legacy_imatrix_variant_matches_literal_port(name):
-    fmt = FORMATS[name]
+    fmt = CODECS[name]
     x = _oracle_rows()[:, :256]
     qw = _importance(256)
     ours = fmt.dequantize(fmt.quantize(x, qw), 256).numpy()
@@ -531,7 +531,7 @@ def test_legacy_imatrix_variant_matches_literal_port(name):
 
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q3_K", "Q5_K", "BF16"])
 def test_chunked_rows_give_the_same_bytes(name, monkeypatch):
-    fmt = FORMATS[name]
+    fmt = CODECS[name]
     x = _realistic(12, 512, seed=10)
     qw = torch.rand(512, generator=_gen(10))
     whole = [fmt.quantize(x), fmt.quantize(x, qw)]
@@ -543,7 +543,7 @@ def test_chunked_rows_give_the_same_bytes(name, monkeypatch):
 
 @pytest.mark.parametrize("name", LEGACY + K_TYPES)
 def test_zero_rows_decode_to_zero(name):
-    fmt = FORMATS[name]
+    fmt = CODECS[name]
     x = torch.zeros(2, 512)
     for qw in (None, torch.rand(512, generator=_gen(4))):
         assert torch.equal(fmt.dequantize(fmt.quantize(x, qw), 512), x)
@@ -553,7 +553,7 @@ def test_error_falls_with_bits():
     x = _realistic(16, 1024, seed=5)[4:]
 
     def rel_err(name):
-        fmt = FORMATS[name]
+        fmt = CODECS[name]
         return float(((fmt.dequantize(fmt.quantize(x), 1024) - x) ** 2).sum() / (x ** 2).sum())
 
     errs = [rel_err(name) for name in ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]]
@@ -566,7 +566,7 @@ def test_error_falls_with_bits():
 def test_importance_lowers_the_weighted_error(name):
     """The imatrix variants minimise importance-weighted error, so with skewed importance they
     must beat the unweighted reference on that measure."""
-    fmt = FORMATS[name]
+    fmt = CODECS[name]
     x = torch.randn(32, 512, generator=_gen(6)) * 0.02
     qw = torch.rand(512, generator=_gen(7)) ** 4 * 100
 
@@ -580,7 +580,7 @@ def test_importance_lowers_the_weighted_error(name):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("name", LEGACY + K_TYPES + FLOATS)
 def test_cuda_matches_cpu(name):
-    fmt = FORMATS[name]
+    fmt = CODECS[name]
     x = _realistic(64, 1024, seed=8)
     qw = torch.rand(1024, generator=_gen(9))
     for importance in (None, qw):

@@ -764,7 +764,7 @@ class Q6_K(BlockFormat):
         return ((_read_half(raw, 208) * sc).unsqueeze(-1) * q).flatten(-2)
 
 
-FORMATS: dict[str, type[BlockFormat]] = {
+CODECS: dict[str, type[BlockFormat]] = {
     cls.ggml_type.name: cls
     for cls in (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)
 }
@@ -781,7 +781,7 @@ class BlockTensor:
     in_features: int
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return FORMATS[self.type.name].dequantize(self.data, self.in_features).to(dtype)
+        return CODECS[self.type.name].dequantize(self.data, self.in_features).to(dtype)
 
     def cpu(self) -> BlockTensor:
         return BlockTensor(self.type, self.data.cpu(), self.in_features)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..numerics.ggml import FORMATS, BlockFormat
+from ..numerics.ggml import CODECS, BlockFormat
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class LevelBits:
 
 @functools.cache
 def level_bits(name: str) -> LevelBits:
-    fmt = FORMATS[name]
+    fmt = CODECS[name]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(8, fmt.block_size, generator=gen) * torch.rand(8, fmt.block_size, generator=gen)
     raw = fmt.quantize(x)  # [8, type_size]: real blocks, every scale non-zero

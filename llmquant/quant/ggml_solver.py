@@ -16,7 +16,7 @@ import torch
 from gguf import GGMLQuantizationType
 from torch import nn
 
-from ..numerics.ggml import FLOAT, FORMATS, BlockFormat, BlockTensor
+from ..numerics.ggml import FLOAT, CODECS, BlockFormat, BlockTensor
 from .ggml_affine import affine, level_bits
 from .gptq import Hessian, HessianNotPositiveDefinite, _inverse_cholesky, _one_thread, prepare
 
@@ -94,7 +94,7 @@ class BlockSolver:
     def quantize(self, name: str, linear: nn.Linear, observer: SquareMean | Hessian | None) -> BlockTensor:
         start = time.perf_counter()
         kind = self.types[name]
-        fmt = FORMATS[kind.name]
+        fmt = CODECS[kind.name]
         entry: dict = {"type": kind.name}
         data = None
         if self.mode == "gptq" and kind not in FLOAT and observer.n:

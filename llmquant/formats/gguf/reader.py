@@ -15,7 +15,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ...errors import UserError, require_finite
 from .mixes import MIXES
-from ...numerics.ggml import FORMATS
+from ...numerics.ggml import CODECS
 from .validate import GGUFSummary, check_gguf
 from .writer import PERMUTED, arch_of, gguf_name, heads_of, unpermute_rows
 
@@ -52,12 +52,12 @@ def _tensor(mm: np.memmap, summary: GGUFSummary, info) -> torch.Tensor:
     start = summary.data_offset + info.offset
     raw = torch.from_numpy(np.array(mm[start:start + info.nbytes]))
     kind = GGMLQuantizationType[info.type]
-    if kind.name not in FORMATS:
+    if kind.name not in CODECS:
         raise UserError(f"{summary.metadata.get('general.name')}: tensor {info.name} has type {kind.name}, "
                         f"which llmquant cannot decode")
     n = info.shape[0]
     rows = info.nbytes // (n // GGML_QUANT_SIZES[kind][0] * GGML_QUANT_SIZES[kind][1])
-    values = FORMATS[kind.name].dequantize(raw.reshape(rows, -1), n)
+    values = CODECS[kind.name].dequantize(raw.reshape(rows, -1), n)
     return values.reshape(tuple(reversed(info.shape)))
 
 

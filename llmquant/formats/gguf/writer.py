@@ -22,6 +22,7 @@ import torch
 
 from ...errors import UserError
 from ...models.adapters import adapter_for
+from ...numerics.ggml import CODECS
 
 PERMUTED = {gguf.MODEL_ARCH.LLAMA}  # archs whose rotary q/k rows llama.cpp expects interleaved
 
@@ -267,9 +268,7 @@ class GGUFSink:
         self._drain()
 
     def _encode(self, hf: str, value: torch.Tensor) -> torch.Tensor:
-        from ...numerics.ggml import FORMATS
-
-        return FORMATS[self.types[self.names[hf]].name].quantize(value.float())
+        return CODECS[self.types[self.names[hf]].name].quantize(value.float())
 
     def _drain(self) -> None:
         """Write every tensor whose turn has come and whose bytes exist; tensors outside the blocks are read."""
