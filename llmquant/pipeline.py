@@ -101,7 +101,8 @@ def memory_budget(config: QuantConfig, checkpoint: Checkpoint, calibrated: bool)
     block = adapter.blocks(model)[0]
     params = sum(p.numel() for p in block.parameters())
     widest = max((m.in_features for m in block.modules() if isinstance(m, torch.nn.Linear)), default=0)
-    solver_bytes = 2 * widest * widest * 4 if calibrated else 0  # a Hessian and its inverse, float32
+    # the Hessian, its act-order permutation, the damped copy and its Cholesky factor: float32, at once
+    solver_bytes = 4 * widest * widest * 4 if calibrated else 0
     limit = parse_size(config.max_memory) if config.max_memory else default_budget()
     budget = Budget(limit, params, solver_bytes, BATCH_TOKENS * checkpoint.config.hidden_size * 4 if calibrated else 0)
     budget.check_block()

@@ -75,8 +75,10 @@ class HessianNotPositiveDefinite(Exception):
 
 
 def damped(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """H + damp * mean(diag H) * I: the Hessian GPTQ actually solves with."""
-    return H + damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+    """H + damp * mean(diag H) * I: the Hessian GPTQ actually solves with (one new matrix, no identity)."""
+    out = H.clone()
+    out.diagonal().add_(damp * torch.mean(torch.diag(H)))
+    return out
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float, max_damp: float) -> tuple[torch.Tensor, float]:
@@ -87,6 +89,7 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, max_damp: float) -> tuple[to
             L, info = torch.linalg.cholesky_ex(damped(H, damp))
             if info == 0:
                 Hinv = torch.cholesky_inverse(L)
+                del L  # at 13B widths each of these matrices is 0.7 GiB: hold two at a time, not three
                 U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
                 if info == 0:
                     return U, damp
@@ -97,13 +100,14 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, max_damp: float) -> tuple[to
 
 def prepare(weight: torch.Tensor, H: torch.Tensor, C: torch.Tensor | None, damp: float,
             max_damp: float) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, float] | None]:
-    """(W, H, factor) ready to solve: copies, with dead inputs (never seen) given a unit diagonal so no
+    """(W, H, factor) ready to solve: W a copy, H with dead inputs (never seen) given a unit diagonal so no
     error feeds back through them, and W moved to its float target when C is given. factor is
     _inverse_cholesky(H) where the target needed it (the solver reuses it), else None."""
     W = weight.detach().to(H.dtype).clone()
-    H = H.clone()
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    if dead.any():  # H is the observer's, shared by the group's linears: change a copy
+        H = H.clone()
+        H[dead, dead] = 1
     if C is None:
         return W, H, None
     factor = _inverse_cholesky(H, damp, max_damp)
@@ -168,14 +172,15 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int
         scales, zeros = fit(W.float(), spec, importance)  # [rows, groups] on the original column order
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
     if perm is not None:
-        W, H, factor = W[:, perm], H[perm][:, perm], None  # the permuted H needs its own factor
+        W, H, factor = W[:, perm], H[perm[:, None], perm], None  # the permuted H needs its own factor
         importance = importance[perm]
     U, used_damp = factor or _inverse_cholesky(H, damp, max_damp)
+    H = factor = None  # only U is needed from here (refit uses H_target): one matrix fewer while solving
     if spec.group_size != -1:
         block_size = max(g, block_size // g * g)  # groups never straddle a block: fit on updated weights
     codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
     unrounded = torch.empty(rows, cols, dtype=torch.float32, device=W.device)
-    losses = torch.zeros(rows, device=W.device, dtype=H.dtype)
+    losses = torch.zeros(rows, device=W.device, dtype=U.dtype)
     fitted_s, fitted_z = [], []
     col_group = torch.arange(cols, device=W.device) // g if spec.group_size != -1 else \
         torch.zeros(cols, dtype=torch.long, device=W.device)
@@ -222,6 +227,7 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, block_size: int
     qw = QuantizedWeight(codes, scales.float(), zeros.to(torch.int32), g_idx, spec.bits, spec.group_size, spec.sym)
     loss = float(losses.sum())
     if refit:  # on the damped H: the objective the column updates minimised
+        U = None
         qw, loss = refit_scales(qw, target, damped(H_target, used_damp))
     return GPTQResult(qw, loss, used_damp, unrounded)
 
