@@ -190,9 +190,17 @@ def _config_edit(**values):
     return damage
 
 
+def _hidden_size_missing(path):
+    config = json.loads((path / "config.json").read_text())
+    del config["hidden_size"]
+    (path / "config.json").write_text(json.dumps(config))
+    return ["config.json"]
+
+
 @pytest.mark.parametrize("damage", [_missing_shard, _tensor_not_in_its_shard, _truncated_shard,
                                     _shape_disagrees_with_config, _config_edit(num_attention_heads=3),
-                                    _config_edit(num_hidden_layers=0), _config_edit(hidden_size=-4)])
+                                    _config_edit(num_hidden_layers=0), _config_edit(hidden_size=-4),
+                                    _config_edit(hidden_size=10**12), _hidden_size_missing])
 def test_bad_checkpoints_get_one_line_and_nothing_written(damage, sharded_bf16, tmp_path, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(sharded_bf16, broken)
