@@ -149,5 +149,10 @@ def solving():
         yield
     finally:
         _mmap_threshold(WEIGHT_SIZED)
-        if _glibc() is not None:
-            _glibc()[1](0)
+        give_back_free_memory()
+
+
+def give_back_free_memory() -> None:
+    """Return the heap's free pages to the system (glibc keeps them otherwise)."""
+    if _glibc() is not None:
+        _glibc()[1](0)
