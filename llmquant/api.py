@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -9,7 +10,8 @@ import torch
 from .config import QuantConfig, QuantReport, check_device
 from .formats.hf import load_quantized, read_quantization_config
 from .models.loader import load_float_model, resolve_model
-from .nn.qlinear import QuantLinear
+from .memory import give_back_free_memory, weights_from_the_system
+from .nn.cpu import use_cpu_kernels
 from .pipeline import quantize
 
 __all__ = ["QuantConfig", "QuantReport", "check_device", "load", "load_any", "quantize"]
@@ -31,16 +33,20 @@ def load(path: str | Path, device: str = "cpu"):
     return load_quantized(path, device)
 
 
-def load_any(path: str | Path, device: str = "cpu"):
+def load_any(path: str | Path, device: str = "cpu", exact: bool = False):
     """(model, tokenizer) for a packed or float checkpoint or a GGUF file, ready for inference on `device`.
 
-    On the CPU the float parameters are computed in float32 (bfloat16 matmuls there are slow and
-    round more) and quantized layers keep their dequantized weight. Packed tensors keep their types.
+    On the CPU, packed layers run on PyTorch's weight-only kernels (nn/cpu.py): the weights stay
+    packed and everything else keeps the checkpoint's dtype, so the model holds about its file's
+    bytes. exact=True is for quality measurements instead: every float parameter in float32 and each
+    packed layer dequantized to the grid's exact weights on every call (no bfloat16 rounding, and
+    still no float copy of a packed weight kept between calls).
     """
     from transformers import AutoTokenizer
 
     from .formats.gguf.reader import is_gguf, load_gguf
 
+    weights_from_the_system()  # tensors freed while loading and converting go back to the system
     if is_gguf(path):  # weights decoded to float by our block decoders
         model, tokenizer = load_gguf(path)
         return model.to(device), tokenizer
@@ -50,11 +56,15 @@ def load_any(path: str | Path, device: str = "cpu"):
     else:
         model, tokenizer, _, _ = load_float_model(local)
         model = model.to(device)
-    if torch.device(device).type == "cpu":
+    if torch.device(device).type != "cpu":
+        return model, tokenizer
+    if exact:
         for param in model.parameters():
             param.data = param.data.float()
-        for module in model.modules():
-            if isinstance(module, QuantLinear):
-                module.cache_weight = True
-                module.dequantize_weight(torch.float32)  # at load, not inside the first forward
+        return model, tokenizer
+    kept = use_cpu_kernels(model)
+    give_back_free_memory()
+    if kept:
+        print(f"llmquant: {len(kept)} packed linears have shapes PyTorch's CPU kernels do not take "
+              f"(e.g. {kept[0]}); they dequantize on every call, which is slower", file=sys.stderr)
     return model, tokenizer

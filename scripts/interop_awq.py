@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(k != "spec" for k in kinds):
         batches = prompts(args.quant_dir, args.text, args.prompts, args.tokens)
         report["prompt_tokens"] = [int(b.shape[1]) for b in batches]
-        reference = logits(load_any(args.quant_dir)[0].eval(), batches)  # float32, exact weights
+        reference = logits(load_any(args.quant_dir, exact=True)[0].eval(), batches)  # float32, exact weights
         ours_half = logits(ours_packed.to(PEER_DTYPE), batches)
         floor = report["ours_fp16_vs_ours_fp32"] = compare_logits(ours_half, reference)
     for kind in kinds:

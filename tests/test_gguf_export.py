@@ -133,7 +133,7 @@ def test_q8_0_file_scores_like_the_float_model(tiny_model_dir, tmp_path):
     out = tmp_path / "q8.gguf"
     quantize(tiny_model_dir, QuantConfig(format="gguf", gguf_type="Q8_0"), out, progress=False)
     model, tok = load_any(out)
-    base, _ = load_any(tiny_model_dir)
+    base, _ = load_any(tiny_model_dir, exact=True)
     ids = tok(sample_text(60, seed=3), return_tensors="pt").input_ids
     with torch.no_grad():
         a, b = model(ids).logits, base(ids).logits
@@ -155,7 +155,7 @@ def test_imatrix_lowers_the_activation_weighted_error(wide_models, tmp_path):
         config = QuantConfig(method=method, format="gguf", gguf_type="Q3_K_S", calib=str(calib), n_samples=16,
                              seqlen=64)
         quantize(path, config, files[method], progress=False)
-    base, tok = load_any(path)
+    base, tok = load_any(path, exact=True)
     stats = {}
     hooks = [m.register_forward_pre_hook(lambda m, a, n=n: stats.setdefault(n, SquareMean(a[0].shape[-1], "cpu"))
                                           .add(a[0])) for n, m in base.named_modules()

@@ -1,8 +1,10 @@
 """QuantLinear: a linear layer that holds its weight packed in the gptq layout.
 
-On CUDA the forward runs the Triton dequant-matmul kernels; on CPU it dequantizes with torch and
-multiplies. Both give the same result up to floating-point summation order. LLMQUANT_KERNEL=torch
-or =triton forces one path (for debugging; triton on the CPU needs TRITON_INTERPRET=1).
+On CUDA the forward runs the Triton dequant-matmul kernels; elsewhere it dequantizes with torch on
+every call and multiplies (exact grid weights, no float copy kept: what quality measurements use).
+Both give the same result up to floating-point summation order. LLMQUANT_KERNEL=torch or =triton
+forces one path (for debugging; triton on the CPU needs TRITON_INTERPRET=1). Fast CPU inference
+converts these layers to PyTorch's weight-only kernels instead (cpu.py).
 """
 
 from __future__ import annotations
@@ -55,9 +57,6 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16))
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
-        # CPU inference may keep the dequantized weight (float-model memory, float-model speed)
-        self.cache_weight = False
-        self._cached: tuple[tuple, torch.Tensor] | None = None
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> "QuantLinear":
@@ -75,13 +74,7 @@ class QuantLinear(nn.Module):
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight [out, in] this layer computes with."""
-        if not self.cache_weight:
-            return self.unpack().dequantize(dtype)
-        key = (dtype, self.qweight.data_ptr(), *(t._version for t in (self.qweight, self.qzeros, self.scales,
-                                                                      self.g_idx)))
-        if self._cached is None or self._cached[0] != key:
-            self._cached = (key, self.unpack().dequantize(dtype))
-        return self._cached[1]
+        return self.unpack().dequantize(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernels = kernels_for(x)

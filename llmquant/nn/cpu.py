@@ -1,0 +1,161 @@
+"""Packed linears on the CPU through PyTorch's weight-only kernels: the weights stay packed in memory.
+
+A loaded QuantLinear holds the gptq layout; for CPU inference it is converted once, at load, into
+the layout of one of PyTorch's CPU kernels, and its gptq buffers are dropped:
+
+- 2-, 3- and 4-bit codes are 4-bit codes: `_weight_int4pack_mm_for_cpu` computes with
+  w = (q - 8) * scale + zero per group of input columns, so the grid's zero point z becomes
+  zero = (8 - z) * scale, exactly the grid's (q - z) * scale. The kernel's group (32 to 256
+  columns) must tile the checkpoint's groups; a checkpoint group of 128 over 576 columns (the
+  last one 64 wide) runs as groups of 64 sharing scales.
+- 8-bit codes go to `_weight_int8pack_mm`, which has one scale per output and no zero: it runs
+  once per slice of input columns that share a scale, and the zeros come back as one small
+  product of the slices' input sums with (128 - z) * scale.
+
+Both kernels are fast only with bfloat16 inputs on AVX2 CPUs (a float32 input takes a path about
+10x slower), so a layer computes in bfloat16 and hands back its input's dtype. Act-order (a g_idx
+whose groups are not consecutive columns) permutes the input columns once at load so that every
+group is a run of columns, and each call gathers the input's columns in that order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..numerics.grid import QuantizedWeight
+from .qlinear import QuantLinear
+
+KERNEL_GROUPS = (256, 128, 64, 32)  # the group sizes _weight_int4pack_mm_for_cpu accepts
+ROWS_PER_TILE = 16  # _convert_weight_to_int4pack_for_cpu packs output rows in tiles of 16
+COMPUTE = torch.bfloat16
+
+
+def _column_order(qw: QuantizedWeight) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(input permutation that makes groups runs of columns, or None when they already are; the
+    group of each column in that order)."""
+    g = qw.g_idx.long()
+    if bool((g[1:] >= g[:-1]).all()):
+        return None, g
+    perm = torch.argsort(g, stable=True)
+    return perm, g[perm]
+
+
+def _run_starts(g_sorted: torch.Tensor) -> torch.Tensor:
+    """The first column of every run of equal groups."""
+    changes = torch.nonzero(g_sorted[1:] != g_sorted[:-1]).flatten() + 1
+    return torch.cat([torch.zeros(1, dtype=torch.long), changes])
+
+
+def _tile(g_sorted: torch.Tensor, sizes) -> int | None:
+    """The largest of `sizes` that tiles every run of groups and the whole row, or None."""
+    k = g_sorted.numel()
+    starts = _run_starts(g_sorted)
+    for size in sizes:
+        if k % size == 0 and bool((starts % size == 0).all()):
+            return size
+    return None
+
+
+def _slice_width(g_sorted: torch.Tensor) -> int:
+    """The widest slice that tiles every run of groups: the gcd of the run boundaries and the row."""
+    width = g_sorted.numel()
+    for start in _run_starts(g_sorted).tolist():
+        width = math.gcd(width, start)
+    return width
+
+
+class Int4CpuLinear(nn.Module):
+    """2/3/4-bit weights in the int4 layout of PyTorch's CPU kernel."""
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, tile: int, perm, g_sorted):
+        super().__init__()
+        self.in_features, self.out_features, self.bits, self.tile = qw.in_features, qw.out_features, qw.bits, tile
+        codes = qw.codes if perm is None else qw.codes[:, perm]
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
+        source = g_sorted[::tile]  # the checkpoint group of every kernel group
+        scale = qw.scales[:, source]
+        zero = (8 - qw.zeros[:, source].to(torch.float32)) * scale
+        self.register_buffer("scale_zero", torch.stack([scale.T, zero.T], -1).to(COMPUTE).contiguous())
+        self.register_buffer("perm", perm)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if self.perm is not None:
+            rows = rows.index_select(1, self.perm)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(COMPUTE), self.packed, self.tile, self.scale_zero)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, tile={self.tile}"
+
+
+class Int8CpuLinear(nn.Module):
+    """8-bit weights as int8 slices of input columns, each with its own per-output scale."""
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, width: int, perm, g_sorted):
+        super().__init__()
+        self.in_features, self.out_features, self.width = qw.in_features, qw.out_features, width
+        codes = qw.codes if perm is None else qw.codes[:, perm]
+        slices = self.in_features // width
+        weight = (codes.to(torch.int16) - 128).to(torch.int8).view(self.out_features, slices, width)
+        self.register_buffer("weight", weight.transpose(0, 1).contiguous())  # [slices, out, width]
+        source = g_sorted[::width]
+        scale = qw.scales[:, source]  # [out, slices]
+        self.register_buffer("scale", scale.T.to(COMPUTE).contiguous())
+        offset = (128 - qw.zeros[:, source].to(torch.float32)) * scale  # sym grids: all zero
+        self.register_buffer("offset", offset.T.contiguous() if bool(offset.any()) else None)
+        self.register_buffer("perm", perm)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if self.perm is not None:
+            rows = rows.index_select(1, self.perm)
+        parts = rows.to(COMPUTE).view(rows.shape[0], -1, self.width)
+        y = torch.zeros(rows.shape[0], self.out_features, dtype=torch.float32)
+        for i in range(self.weight.shape[0]):
+            y += torch.ops.aten._weight_int8pack_mm(parts[:, i].contiguous(), self.weight[i], self.scale[i])
+        if self.offset is not None:
+            y += parts.float().sum(-1) @ self.offset
+        if self.bias is not None:
+            y += self.bias
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits=8, width={self.width}"
+
+
+def cpu_linear(layer: QuantLinear) -> nn.Module | None:
+    """The CPU-kernel twin of a packed layer, or None when its shape suits neither kernel."""
+    qw = layer.unpack()
+    perm, g_sorted = _column_order(qw)
+    bias = None if layer.bias is None else layer.bias.detach().clone()
+    if qw.bits == 8:
+        width = _slice_width(g_sorted)
+        return Int8CpuLinear(qw, bias, width, perm, g_sorted) if width % 8 == 0 else None
+    tile = _tile(g_sorted, KERNEL_GROUPS)
+    if tile is None or qw.out_features % ROWS_PER_TILE:
+        return None
+    return Int4CpuLinear(qw, bias, tile, perm, g_sorted)
+
+
+def use_cpu_kernels(model: nn.Module) -> list[str]:
+    """Swap every QuantLinear of `model` for its CPU-kernel twin, in place, one layer at a time (so the
+    peak is the packed model plus one layer). Returns the names of the layers neither kernel takes:
+    they stay QuantLinear and dequantize on every call, holding no float copy."""
+    kept = []
+    names = [name for name, module in model.named_modules() if isinstance(module, QuantLinear)]
+    for name in names:  # by name: a list of the modules would keep every replaced one alive to the end
+        twin = cpu_linear(model.get_submodule(name))
+        if twin is None:
+            kept.append(name)
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, twin)
+    return kept
