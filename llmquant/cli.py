@@ -22,6 +22,11 @@ def _add_eval_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument(f"--{prefix}windows", type=int, default=32, help="windows scored (default: 32)")
 
 
+def _add_speed_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt-tokens", type=int, default=256, help="prompt length for the prefill (default: 256)")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens decoded, greedily (default: 32)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmquant", description="Quantize LLM checkpoints and evaluate them.",
                                      epilog=EPILOG)
@@ -111,8 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
                                       "run can continue with --resume")
     q.add_argument("--resume", action="store_true",
                    help="continue the run recorded in --work-dir (same model, calibration and settings)")
-    q.add_argument("--eval", action="store_true", help="after writing, report ppl and KLD against MODEL")
+    q.add_argument("--eval", action="store_true",
+                   help="after writing, report ppl and KLD against MODEL, and the packed model's inference speed "
+                        "and memory beside MODEL's (as `llmquant bench`)")
     _add_eval_args(q, "eval-")
+    _add_speed_args(q)
     q.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
     e = sub.add_parser("eval", help="perplexity (and KLD / top-1 against a base model)", epilog=EPILOG,
@@ -124,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(e)
     e.add_argument("--base", metavar="MODEL", help="float model to compare against")
     e.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
+    e.add_argument("--speed", action="store_true",
+                   help="also measure inference speed and memory against --base (as `llmquant bench`)")
+    _add_speed_args(e)
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
     g = sub.add_parser("generate", help="generate text from a packed or float checkpoint")
@@ -133,6 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--device", default="cpu")
+
+    b = sub.add_parser("bench", help="inference speed and memory of a model, and of its base beside it",
+                       epilog=EPILOG,
+                       description="Measure PATH's prefill and decode tokens/s, time to first token, resident "
+                                   "memory once loaded and peak memory, each model in a process of its own; "
+                                   "with --base, the float model too (on the CPU in bfloat16 and in float32) and "
+                                   "the ratios against its faster figures.")
+    b.add_argument("path", metavar="PATH", help="packed or float checkpoint, GGUF file, or 'demo'")
+    b.add_argument("--base", metavar="MODEL", help="float model to compare against")
+    _add_speed_args(b)
+    b.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
 
     i = sub.add_parser("inspect", help="show a packed checkpoint's (or GGUF file's) settings and size")
     i.add_argument("path", metavar="PATH")
@@ -153,8 +176,8 @@ def _evaluate(paths, data_text, seqlen, windows, base, device):
     from .api import load_any
     from .eval import evaluate_many
 
-    loaded = {str(p): load_any(p, device) for p in paths}
-    base_model = load_any(base, device)[0] if base else None
+    loaded = {str(p): load_any(p, device, exact=True) for p in paths}
+    base_model = load_any(base, device, exact=True)[0] if base else None
     tokenizer = next(iter(loaded.values()))[1]
     models = {p: model for p, (model, _) in loaded.items()}
     return evaluate_many(models, tokenizer, data_text, seqlen=seqlen, windows=windows, base=base_model)
@@ -168,6 +191,10 @@ def cmd_quantize(args) -> None:
     config.gguf_type = config.gguf_type.upper()
     config.validate()
     text = _eval_text(args.eval_data) if args.eval else None  # fail before the long work, not after
+    if args.eval:
+        from .speed import check_lengths
+
+        check_lengths(args.prompt_tokens, args.new_tokens)
     if args.calib and config.method == "rtn":
         print("note: rtn uses no calibration data; --calib is ignored", file=sys.stderr)
     report = quantize(args.model, config, args.out, force=args.force, work_dir=args.work_dir, resume=args.resume)
@@ -175,6 +202,7 @@ def cmd_quantize(args) -> None:
     if args.eval:
         ev = _evaluate([args.out], text, args.eval_seqlen, args.eval_windows, args.model, args.device)
         result["eval"] = ev[str(args.out)].to_dict()
+        result["speed"] = _bench(args, args.out, args.model)
     if args.json:
         print(json.dumps(result))
         return
@@ -195,6 +223,7 @@ def cmd_quantize(args) -> None:
         ev = result["eval"]
         print(f"  ppl {ev['ppl']:.4f}, KLD {ev['kld']:.5f}, top-1 {ev['top1']:.4f} "
               f"({ev['windows']} windows x {args.eval_seqlen} tokens)")
+        _print_speed(result["speed"])
 
 
 def cmd_eval(args) -> None:
@@ -203,8 +232,11 @@ def cmd_eval(args) -> None:
     check_device(args.device)
     text = _eval_text(args.data)
     results = _evaluate(args.paths, text, args.seqlen, args.windows, args.base, args.device)
+    dicts = {p: r.to_dict() for p, r in results.items()}
+    if args.speed:
+        for p in args.paths:
+            dicts[str(p)]["speed"] = _bench(args, p, args.base)
     if args.json:  # one object: the result itself, or {path: result} for several paths
-        dicts = {p: r.to_dict() for p, r in results.items()}
         print(json.dumps(next(iter(dicts.values())) if len(dicts) == 1 else dicts))
         return
     for path, result in results.items():
@@ -212,6 +244,40 @@ def cmd_eval(args) -> None:
         if result.kld is not None:
             line += f"; KLD {result.kld:.5f}, top-1 agreement {result.top1:.4f}"
         print(f"{path}: {line}" if len(results) > 1 else line)
+        if args.speed:
+            _print_speed(dicts[path]["speed"])
+
+
+def _bench(args, path, base) -> dict:
+    from .speed import bench
+
+    return bench(str(path), base, args.prompt_tokens, args.new_tokens, args.device)
+
+
+def _print_speed(result: dict) -> None:
+    rows = [result["model"], *result["base"]]
+    width = max(len(r["path"]) for r in rows)
+    print(f"  {'model':<{width}}  {'dtype':<8}  {'loaded':>9}  {'peak':>9}  {'load':>6}  {'TTFT':>7}  "
+          f"{'prefill':>10}  {'decode':>10}")
+    for r in rows:
+        print(f"  {r['path']:<{width}}  {r['dtype']:<8}  {r['rss_loaded_bytes'] / 2**20:>5.0f} MiB  "
+              f"{r['peak_rss_bytes'] / 2**20:>5.0f} MiB  {r['load_s']:>5.1f}s  {r['ttft_s']:>6.2f}s  "
+              f"{r['prefill_tokens_per_s']:>6.1f} t/s  {r['decode_tokens_per_s']:>6.2f} t/s")
+    if result["base"]:
+        print(f"  against the base's faster figures: decode {result['decode_speedup']:.2f}x, prefill "
+              f"{result['prefill_speedup']:.2f}x, resident memory {result['memory_ratio']:.2f}x "
+              f"({rows[0]['prompt_tokens']}-token prompt, {rows[0]['new_tokens']} new tokens)")
+
+
+def cmd_bench(args) -> None:
+    from .api import check_device
+
+    check_device(args.device)
+    result = _bench(args, args.path, args.base)
+    if args.json:
+        print(json.dumps(result))
+        return
+    _print_speed(result)
 
 
 def cmd_generate(args) -> None:
@@ -283,8 +349,8 @@ def cmd_demo_model(args) -> None:
     print(demo_model_path())
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "inspect": cmd_inspect,
-            "demo-model": cmd_demo_model}
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "bench": cmd_bench,
+            "inspect": cmd_inspect, "demo-model": cmd_demo_model}
 
 
 def main(argv: list[str] | None = None) -> int:

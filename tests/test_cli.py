@@ -32,9 +32,13 @@ def test_quantize_inspect_eval_generate(tiny_model_dir, tmp_path, text_file, cap
     out = tmp_path / "q"
     code, stdout, _ = run(capsys, "quantize", tiny_model_dir, "--bits", 4, "--group-size", 32, "--asym",
                           "--out", out, "--eval", "--eval-data", text_file, "--eval-seqlen", 64,
-                          "--eval-windows", 4, "--json")
+                          "--eval-windows", 4, "--prompt-tokens", 16, "--new-tokens", 4, "--json")
     assert code == 0
     report = json.loads(stdout)
+    speed = report["speed"]
+    assert speed["model"]["path"] == str(out) and [b["dtype"] for b in speed["base"]] == ["bfloat16", "float32"]
+    assert speed["model"]["decode_tokens_per_s"] > 0 and speed["decode_speedup"] > 0
+    assert 0 < speed["model"]["rss_loaded_bytes"] <= speed["model"]["peak_rss_bytes"]
     assert report["quantized_linears"] == 14 and report["bits"] == 4 and report["sym"] is False
     assert 4 < report["bpw"] < 6 and report["eval"]["windows"] == 4
     assert report["eval"]["kld"] > 0 and 0 < report["eval"]["top1"] <= 1
@@ -52,6 +56,28 @@ def test_quantize_inspect_eval_generate(tiny_model_dir, tmp_path, text_file, cap
 
     code, _, err = run(capsys, "generate", out, "--prompt", "the king", "--max-new-tokens", 5)
     assert code == 0 and "tokens/s" in err
+
+
+def test_bench_measures_a_model_beside_its_base_and_refuses_what_it_cannot_compare(tiny_model_dir, tmp_path,
+                                                                                 capsys):
+    code, stdout, _ = run(capsys, "bench", tiny_model_dir, "--prompt-tokens", 8, "--new-tokens", 3)
+    assert code == 0 and "decode" in stdout and "float32" in stdout and "against the base" not in stdout
+    other = tmp_path / "other-vocab"
+    other.mkdir()
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 1}))
+    not_a_model = tmp_path / "notes.txt"
+    not_a_model.write_text("not a model")
+    cases = [
+        (["bench", not_a_model], ["notes.txt"]),
+        (["bench", tmp_path / "missing"], ["no such model"]),
+        (["bench", tiny_model_dir, "--base", other], ["vocabulary", "tokenizer"]),
+        (["bench", tiny_model_dir, "--prompt-tokens", 600], ["600", "context of 512"]),
+        (["bench", tiny_model_dir, "--new-tokens", 1], ["--new-tokens"]),
+        (["bench", tiny_model_dir, "--device", "tpu"], ["--device"]),
+    ]
+    for argv, needles in cases:
+        assert_one_line_error(*run(capsys, *argv)[::2], *needles)
 
 
 def test_lower_bits_cost_more_quality(tiny_model_dir, tmp_path, text_file, capsys):

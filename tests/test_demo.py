@@ -41,8 +41,27 @@ def test_demo_rtn_w4_and_w8(demo_model_dir, tmp_path, eval_text, capsys):
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(layers) == 30 * 7 and layers[0].in_features == 576  # 576 = 4.5 groups of 128
     assert layers[0].scales.shape[0] == 5
+    assert_cpu_kernels_generate_like_the_dequantized_model(tmp_path / "w4")
     w8 = quantize_and_eval(capsys, demo_model_dir, tmp_path / "w8", eval_text, "--bits", "8", "--group-size",
                            "128")
     assert abs(w8["ppl"] / base["ppl"] - 1) < 0.01  # 3 short windows: the 0.5% target is measured on the protocol
     assert w8["kld"] < w4["kld"] / 10 and w8["top1"] > w4["top1"]
     assert base["ppl"] < w4["ppl"] < 1.5 * base["ppl"]
+
+
+def assert_cpu_kernels_generate_like_the_dequantized_model(path):
+    """32 greedy tokens of the packed model on the CPU kernels (bfloat16 activations) are those of the float32
+    model carrying the dequantized weights."""
+    import torch
+
+    from llmquant.api import load_any
+    from test_cpu_kernels import greedy
+
+    packed, tokenizer = load_any(path)
+    exact, _ = load_any(path, exact=True)
+    ids = tokenizer("The capital of France is Paris. The largest planet in the solar system is",
+                    return_tensors="pt").input_ids
+    got, got_logits = greedy(packed, ids, 32)
+    want, want_logits = greedy(exact, ids, 32)
+    assert got == want, (tokenizer.decode(got), tokenizer.decode(want))
+    assert ((got_logits - want_logits).norm() / want_logits.norm()).item() < 2e-2

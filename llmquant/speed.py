@@ -1,0 +1,176 @@
+"""Inference speed and memory of a model, and of its base beside it: `llmquant bench`.
+
+Each model is measured in a child process of its own, so its memory is its own: the resident
+memory once loaded, and the peak over loading and running. Inside the child: a short warm-up,
+then a prefill of `prompt_tokens` random token ids (time to first token: the prompt's forward and
+the first token's choice), then greedy decoding of `new_tokens` tokens one at a time through the
+KV cache. Token ids are drawn from a fixed seed, so a model and its base see the same prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+from .errors import UserError
+
+FLOAT_DTYPES = ("bfloat16", "float32")
+
+
+@dataclass
+class Speed:
+    path: str
+    dtype: str  # what the float parameters and activations are held in ("packed" layers aside)
+    prompt_tokens: int
+    new_tokens: int
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    ttft_s: float
+    load_s: float
+    rss_loaded_bytes: int
+    peak_rss_bytes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure(path: str, prompt_tokens: int, new_tokens: int, device: str = "cpu", dtype: str | None = None) -> Speed:
+    """One model's figures, in this process (see the module docstring)."""
+    import torch
+
+    from .api import load_any
+
+    start = time.perf_counter()
+    model, _ = load_any(path, device, exact=dtype == "float32")
+    if dtype is not None:
+        model = model.to(getattr(torch, dtype))
+    load_s = time.perf_counter() - start
+    rss_loaded = _rss_bytes()
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and prompt_tokens + new_tokens > context:
+        raise UserError(f"{path}: a prompt of {prompt_tokens} tokens and {new_tokens} new ones exceed its "
+                        f"context of {context} tokens")
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0)).to(device)
+    _generate(model, ids[:, :8], 4)  # warm-up: first-call allocations and lazy initialisation
+    ttft, decode_s = _generate(model, ids, new_tokens)
+    held = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return Speed(str(path), str(held).removeprefix("torch."), prompt_tokens, new_tokens, prompt_tokens / ttft,
+                 (new_tokens - 1) / decode_s if new_tokens > 1 else 0.0, ttft, load_s, rss_loaded,
+                 _peak_rss_bytes())
+
+
+def _generate(model, ids, new_tokens: int) -> tuple[float, float]:
+    """(seconds to the first new token, seconds for the other new tokens): greedy, one token per step."""
+    import torch
+
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = model(ids, use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1:].argmax(-1)
+        sync()
+        first = time.perf_counter()
+        past = out.past_key_values
+        for _ in range(new_tokens - 1):
+            out = model(token, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        sync()
+    return first - start, time.perf_counter() - first
+
+
+def measure_in_child(path: str, prompt_tokens: int, new_tokens: int, device: str = "cpu",
+                     dtype: str | None = None) -> Speed:
+    """`measure` in a fresh interpreter, so that memory figures are this model's alone."""
+    args = json.dumps({"path": str(path), "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+                       "device": device, "dtype": dtype})
+    proc = subprocess.run([sys.executable, "-m", "llmquant.speed", args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
+        if lines[-1].startswith("llmquant: error: "):  # the child's one line for a user's mistake
+            raise UserError(lines[-1].removeprefix("llmquant: error: "))
+        raise RuntimeError(f"measuring {path} failed:\n{proc.stderr}")
+    return Speed(**json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def model_facts(path: str) -> tuple[int | None, int | None]:
+    """(vocabulary size, context length) from a checkpoint's config.json or a GGUF file's metadata, without
+    loading weights; a path that is neither is a UserError."""
+    from pathlib import Path
+
+    from .formats.gguf.reader import is_gguf
+    from .models.loader import read_config, resolve_model
+
+    if is_gguf(path):
+        from .formats.gguf.validate import check_gguf
+
+        meta = check_gguf(path).metadata
+        arch = meta.get("general.architecture")
+        tokens = meta.get("tokenizer.ggml.tokens")
+        return (len(tokens) if tokens is not None else None), meta.get(f"{arch}.context_length")
+    config = read_config(Path(resolve_model(path)))
+    text = config.get("text_config", config)
+    return text.get("vocab_size"), text.get("max_position_embeddings")
+
+
+def check_lengths(prompt_tokens: int, new_tokens: int) -> None:
+    if prompt_tokens < 1 or new_tokens < 2:
+        raise UserError(f"need --prompt-tokens >= 1 and --new-tokens >= 2, not {prompt_tokens} and {new_tokens}")
+
+
+def bench(path: str, base: str | None = None, prompt_tokens: int = 256, new_tokens: int = 32, device: str = "cpu",
+          base_dtypes: tuple[str, ...] | None = None) -> dict:
+    """Figures of `path` and, with `base`, of the base in each of `base_dtypes` (default on the CPU: bfloat16
+    and float32, since which is faster differs between prefill and decode), one after the other, each in
+    its own process; the ratios compare against the base's faster figure."""
+    check_lengths(prompt_tokens, new_tokens)
+    vocab, context = model_facts(path)
+    for name, (v, c) in [(path, (vocab, context)), *([(base, model_facts(base))] if base else [])]:
+        if c and prompt_tokens + new_tokens > c:
+            raise UserError(f"{name}: a prompt of {prompt_tokens} tokens and {new_tokens} new ones exceed its "
+                            f"context of {c} tokens")
+        if v and vocab and v != vocab:
+            raise UserError(f"{base} has a vocabulary of {v} tokens and {path} one of {vocab}: "
+                            f"a base must share the model's tokenizer")
+    result = {"model": measure_in_child(path, prompt_tokens, new_tokens, device).to_dict(), "base": []}
+    if base is None:
+        return result
+    dtypes = base_dtypes or (FLOAT_DTYPES if device == "cpu" else (None,))
+    result["base"] = [measure_in_child(base, prompt_tokens, new_tokens, device, d).to_dict() for d in dtypes]
+    best = {key: max(b[key] for b in result["base"]) for key in ("prefill_tokens_per_s", "decode_tokens_per_s")}
+    result["decode_speedup"] = result["model"]["decode_tokens_per_s"] / best["decode_tokens_per_s"]
+    result["prefill_speedup"] = result["model"]["prefill_tokens_per_s"] / best["prefill_tokens_per_s"]
+    result["memory_ratio"] = result["model"]["rss_loaded_bytes"] / min(b["rss_loaded_bytes"] for b in result["base"])
+    return result
+
+
+def _child(argv: list[str]) -> int:
+    from .errors import one_line
+
+    try:
+        print(json.dumps(measure(**json.loads(argv[0])).to_dict()))
+    except Exception as err:
+        line = one_line(err)
+        if line is None:
+            raise
+        print(f"llmquant: error: {line}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1:]))
