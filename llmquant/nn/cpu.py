@@ -67,40 +67,55 @@ def _slice_width(g_sorted: torch.Tensor) -> int:
     return width
 
 
-class Int4CpuLinear(nn.Module):
+class _CpuKernelLinear(nn.Module):
+    """What both kernels' layers share: the input's columns in the weight's order, the output's shape."""
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, perm: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features, self.bits = qw.in_features, qw.out_features, qw.bits
+        self.register_buffer("perm", perm)
+        self.register_buffer("bias", bias)
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` as [rows, in_features] in bfloat16, its columns in the packed weight's order."""
+        rows = x.reshape(-1, self.in_features)
+        if self.perm is not None:
+            rows = rows.index_select(1, self.perm)
+        return rows.to(COMPUTE)
+
+    def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+class Int4CpuLinear(_CpuKernelLinear):
     """2/3/4-bit weights in the int4 layout of PyTorch's CPU kernel."""
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, tile: int, perm, g_sorted):
-        super().__init__()
-        self.in_features, self.out_features, self.bits, self.tile = qw.in_features, qw.out_features, qw.bits, tile
+        super().__init__(qw, bias, perm)
+        self.tile = tile
         codes = qw.codes if perm is None else qw.codes[:, perm]
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
         source = g_sorted[::tile]  # the checkpoint group of every kernel group
         scale = qw.scales[:, source]
         zero = (8 - qw.zeros[:, source].to(torch.float32)) * scale
         self.register_buffer("scale_zero", torch.stack([scale.T, zero.T], -1).to(COMPUTE).contiguous())
-        self.register_buffer("perm", perm)
-        self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if self.perm is not None:
-            rows = rows.index_select(1, self.perm)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(COMPUTE), self.packed, self.tile, self.scale_zero)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(self._rows(x), self.packed, self.tile, self.scale_zero)
+        return self._finish(y, x)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, tile={self.tile}"
 
 
-class Int8CpuLinear(nn.Module):
+class Int8CpuLinear(_CpuKernelLinear):
     """8-bit weights as int8 slices of input columns, each with its own per-output scale."""
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, width: int, perm, g_sorted):
-        super().__init__()
-        self.in_features, self.out_features, self.width = qw.in_features, qw.out_features, width
+        super().__init__(qw, bias, perm)
+        self.width = width
         codes = qw.codes if perm is None else qw.codes[:, perm]
         slices = self.in_features // width
         weight = (codes.to(torch.int16) - 128).to(torch.int8).view(self.out_features, slices, width)
@@ -110,22 +125,16 @@ class Int8CpuLinear(nn.Module):
         self.register_buffer("scale", scale.T.to(COMPUTE).contiguous())
         offset = (128 - qw.zeros[:, source].to(torch.float32)) * scale  # sym grids: all zero
         self.register_buffer("offset", offset.T.contiguous() if bool(offset.any()) else None)
-        self.register_buffer("perm", perm)
-        self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if self.perm is not None:
-            rows = rows.index_select(1, self.perm)
-        parts = rows.to(COMPUTE).view(rows.shape[0], -1, self.width)
+        rows = self._rows(x)
+        parts = rows.view(rows.shape[0], -1, self.width)
         y = torch.zeros(rows.shape[0], self.out_features, dtype=torch.float32)
         for i in range(self.weight.shape[0]):
             y += torch.ops.aten._weight_int8pack_mm(parts[:, i].contiguous(), self.weight[i], self.scale[i])
         if self.offset is not None:
             y += parts.float().sum(-1) @ self.offset
-        if self.bias is not None:
-            y += self.bias
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return self._finish(y, x)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits=8, width={self.width}"
