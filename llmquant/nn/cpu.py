@@ -1,26 +1,29 @@
-"""Packed linears on the CPU through PyTorch's weight-only kernels: the weights stay packed in memory.
+"""Packed linears on the CPU through PyTorch's int4 weight-only kernel: the weights stay packed in memory.
 
 A loaded QuantLinear holds the gptq layout; for CPU inference it is converted once, at load, into
-the layout of one of PyTorch's CPU kernels, and its gptq buffers are dropped:
+the layout of `_weight_int4pack_mm_for_cpu`, and its gptq buffers are dropped:
 
 - 2-, 3- and 4-bit codes are 4-bit codes: `_weight_int4pack_mm_for_cpu` computes with
   w = (q - 8) * scale + zero per group of input columns, so the grid's zero point z becomes
-  zero = (8 - z) * scale, exactly the grid's (q - z) * scale. The kernel's group (32 to 256
+  zero = (8 - z) * scale, exactly the grid's (q - z) * scale (2- and 3-bit codes are first moved
+  up so that z lands near 8: the zero term is rounded to bfloat16, and kept small it stays as
+  exact as the scale). The kernel's group (32 to 256
   columns) must tile the checkpoint's groups; a checkpoint group of 128 over 576 columns (the
   last one 64 wide) runs as groups of 64 sharing scales.
-- 8-bit codes go to `_weight_int8pack_mm`, which has one scale per output and no zero: it runs
-  once per slice of input columns that share a scale, and the zeros come back as one small
-  product of the slices' input sums with (128 - z) * scale.
+- 8-bit codes q = 16 h + l are two 4-bit halves: the kernel runs once over the input's columns
+  twice, [x, x], against [h, l] with scales 16 s and s; the zero point's share, (136 - z) s per
+  group, is added in float32 from the input's group sums. That is exact up to the rounding of the
+  scales to bfloat16, as fast per byte as the 4-bit case, and holds 1 byte per weight.
+  (PyTorch's int8 kernel, `_weight_int8pack_mm`, has one scale per output and no zero: a group
+  size took one call per group of columns, 1.2x the bf16 model's decode on the 1B shape.)
 
-Both kernels are fast only with bfloat16 inputs on AVX2 CPUs (a float32 input takes a path about
-10x slower), so a layer computes in bfloat16 and hands back its input's dtype. Act-order (a g_idx
+The kernel is fast only with bfloat16 inputs (a float32 input takes a path 10-30x slower, on AVX2
+and AVX-512 CPUs alike), so a layer computes in bfloat16 and hands back its input's dtype. Act-order (a g_idx
 whose groups are not consecutive columns) permutes the input columns once at load so that every
 group is a run of columns, and each call gathers the input's columns in that order.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -59,14 +62,6 @@ def _tile(g_sorted: torch.Tensor, sizes) -> int | None:
     return None
 
 
-def _slice_width(g_sorted: torch.Tensor) -> int:
-    """The widest slice that tiles every run of groups: the gcd of the run boundaries and the row."""
-    width = g_sorted.numel()
-    for start in _run_starts(g_sorted).tolist():
-        width = math.gcd(width, start)
-    return width
-
-
 class _CpuKernelLinear(nn.Module):
     """What both kernels' layers share: the input's columns in the weight's order, the output's shape."""
 
@@ -90,67 +85,50 @@ class _CpuKernelLinear(nn.Module):
 
 
 class Int4CpuLinear(_CpuKernelLinear):
-    """2/3/4-bit weights in the int4 layout of PyTorch's CPU kernel."""
+    """2/3/4-bit weights in the int4 layout of PyTorch's CPU kernel; 8-bit ones as two such halves."""
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, tile: int, perm, g_sorted):
         super().__init__(qw, bias, perm)
         self.tile = tile
         codes = qw.codes if perm is None else qw.codes[:, perm]
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
+        zeros = qw.zeros
+        if qw.bits < 4:  # codes moved up the 4-bit range so that each group's zero point sits near 8: the
+            shift = (8 - zeros).clamp(0, 16 - (1 << qw.bits))  # zero term, rounded to bfloat16, stays small
+            codes, zeros = codes.to(torch.int32) + shift[:, g_sorted], zeros + shift
         source = g_sorted[::tile]  # the checkpoint group of every kernel group
         scale = qw.scales[:, source]
-        zero = (8 - qw.zeros[:, source].to(torch.float32)) * scale
+        zero = (8 - zeros[:, source].to(torch.float32)) * scale
+        offset = None
+        if qw.bits == 8:  # q = 16 h + l: (q - z) s = (h - 8) 16s + (l - 8) s + (136 - z) s, over columns [x, x]
+            codes = torch.cat([codes >> 4, codes & 15], 1)
+            offset = (zero + 128 * scale).T.contiguous()  # up to 128 s: added in float32, bfloat16 would blur it
+            zero, scale = torch.zeros_like(torch.cat([zero, zero], 1)), torch.cat([16 * scale, scale], 1)
+        self.register_buffer("offset", offset)
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
         self.register_buffer("scale_zero", torch.stack([scale.T, zero.T], -1).to(COMPUTE).contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(self._rows(x), self.packed, self.tile, self.scale_zero)
+        rows = self._rows(x)
+        if self.offset is None:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.tile, self.scale_zero)
+            return self._finish(y, x)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.cat([rows, rows], 1), self.packed, self.tile,
+                                                       self.scale_zero).float()
+        y += rows.view(rows.shape[0], -1, self.tile).float().sum(-1) @ self.offset
         return self._finish(y, x)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, tile={self.tile}"
 
 
-class Int8CpuLinear(_CpuKernelLinear):
-    """8-bit weights as int8 slices of input columns, each with its own per-output scale."""
-
-    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, width: int, perm, g_sorted):
-        super().__init__(qw, bias, perm)
-        self.width = width
-        codes = qw.codes if perm is None else qw.codes[:, perm]
-        slices = self.in_features // width
-        weight = (codes.to(torch.int16) - 128).to(torch.int8).view(self.out_features, slices, width)
-        self.register_buffer("weight", weight.transpose(0, 1).contiguous())  # [slices, out, width]
-        source = g_sorted[::width]
-        scale = qw.scales[:, source]  # [out, slices]
-        self.register_buffer("scale", scale.T.to(COMPUTE).contiguous())
-        offset = (128 - qw.zeros[:, source].to(torch.float32)) * scale  # sym grids: all zero
-        self.register_buffer("offset", offset.T.contiguous() if bool(offset.any()) else None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = self._rows(x)
-        parts = rows.view(rows.shape[0], -1, self.width)
-        y = torch.zeros(rows.shape[0], self.out_features, dtype=torch.float32)
-        for i in range(self.weight.shape[0]):
-            y += torch.ops.aten._weight_int8pack_mm(parts[:, i].contiguous(), self.weight[i], self.scale[i])
-        if self.offset is not None:
-            y += parts.float().sum(-1) @ self.offset
-        return self._finish(y, x)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits=8, width={self.width}"
-
-
 def cpu_linear(layer: QuantLinear) -> nn.Module | None:
-    """The CPU-kernel twin of a packed layer, or None when its shape suits neither kernel."""
+    """The CPU-kernel twin of a packed layer, or None when its shape does not suit the kernel."""
     qw = layer.unpack()
     perm, g_sorted = _column_order(qw)
-    bias = None if layer.bias is None else layer.bias.detach().clone()
-    if qw.bits == 8:
-        width = _slice_width(g_sorted)
-        return Int8CpuLinear(qw, bias, width, perm, g_sorted) if width % 8 == 0 else None
     tile = _tile(g_sorted, KERNEL_GROUPS)
     if tile is None or qw.out_features % ROWS_PER_TILE:
         return None
+    bias = None if layer.bias is None else layer.bias.detach().clone()
     return Int4CpuLinear(qw, bias, tile, perm, g_sorted)
 
 
