@@ -25,6 +25,13 @@ def _add_eval_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
 def _add_speed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-tokens", type=int, default=256, help="prompt length for the prefill (default: 256)")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens decoded, greedily (default: 32)")
+    _add_compile_arg(p)
+
+
+def _add_compile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="static KV cache and a torch.compile'd decode step: faster decoding once compiled, but "
+                        "compiling takes a minute or more, so it pays only for long generations")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--device", default="cpu")
+    _add_compile_arg(g)
 
     b = sub.add_parser("bench", help="inference speed and memory of a model, and of its base beside it",
                        epilog=EPILOG,
@@ -251,18 +259,18 @@ def cmd_eval(args) -> None:
 def _bench(args, path, base) -> dict:
     from .speed import bench
 
-    return bench(str(path), base, args.prompt_tokens, args.new_tokens, args.device)
+    return bench(str(path), base, args.prompt_tokens, args.new_tokens, args.device, compiled=args.compile)
 
 
 def _print_speed(result: dict) -> None:
     rows = [result["model"], *result["base"]]
     width = max(len(r["path"]) for r in rows)
-    print(f"  {'model':<{width}}  {'dtype':<8}  {'loaded':>9}  {'peak':>9}  {'load':>6}  {'TTFT':>7}  "
-          f"{'prefill':>10}  {'decode':>10}")
+    print(f"  {'model':<{width}}  {'dtype':<8}  {'loaded':>9}  {'peak':>9}  {'load':>6}  {'warm-up':>7}  "
+          f"{'TTFT':>7}  {'prefill':>10}  {'decode':>10}")
     for r in rows:
         print(f"  {r['path']:<{width}}  {r['dtype']:<8}  {r['rss_loaded_bytes'] / 2**20:>5.0f} MiB  "
-              f"{r['peak_rss_bytes'] / 2**20:>5.0f} MiB  {r['load_s']:>5.1f}s  {r['ttft_s']:>6.2f}s  "
-              f"{r['prefill_tokens_per_s']:>6.1f} t/s  {r['decode_tokens_per_s']:>6.2f} t/s")
+              f"{r['peak_rss_bytes'] / 2**20:>5.0f} MiB  {r['load_s']:>5.1f}s  {r['warmup_s']:>6.1f}s  "
+              f"{r['ttft_s']:>6.2f}s  {r['prefill_tokens_per_s']:>6.1f} t/s  {r['decode_tokens_per_s']:>6.2f} t/s")
     if result["base"]:
         print(f"  against the base's faster figures: decode {result['decode_speedup']:.2f}x, prefill "
               f"{result['prefill_speedup']:.2f}x, resident memory {result['memory_ratio']:.2f}x "
@@ -284,7 +292,7 @@ def cmd_generate(args) -> None:
     import torch
 
     from .api import check_device, load_any
-    from .eval import TimedStreamer
+    from .speed import TimedStreamer, generation_options
 
     check_device(args.device)
     if args.max_new_tokens < 1:
@@ -306,7 +314,7 @@ def cmd_generate(args) -> None:
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=args.max_new_tokens, streamer=streamer,
-                             pad_token_id=tokenizer.eos_token_id, **sampling)
+                             pad_token_id=tokenizer.eos_token_id, **sampling, **generation_options(args.compile))
     new = out.shape[1] - ids.shape[1]
     print(f"\n[prefill {ids.shape[1]} tokens at {streamer.prefill_rate(ids.shape[1]):.1f} tokens/s; "
           f"decode {new} tokens at {streamer.decode_rate(new):.1f} tokens/s]", file=sys.stderr)

@@ -8,7 +8,6 @@ time, because a window's logits alone are vocab x seqlen floats (49152 x 1024 x 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -96,34 +95,3 @@ def evaluate_many(models: dict, tokenizer, text: str, seqlen: int = 1024, window
     }
 
 
-def _streamer_base():
-    from transformers import TextStreamer
-
-    return TextStreamer
-
-
-class TimedStreamer(_streamer_base()):
-    """Streams text like TextStreamer and times prefill (prompt to first new token) and decode."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.start = time.perf_counter()
-        self.first = self.last = None
-        self.puts = 0
-
-    def put(self, value):
-        now = time.perf_counter()
-        self.puts += 1  # generate() puts the prompt first, then one new token per step
-        if self.puts == 2:
-            self.first = now
-        if self.puts >= 2:
-            self.last = now
-        super().put(value)
-
-    def prefill_rate(self, prompt_tokens: int) -> float:
-        return prompt_tokens / max(1e-9, (self.first or time.perf_counter()) - self.start)
-
-    def decode_rate(self, new_tokens: int) -> float:
-        if self.first is None or self.last is None or new_tokens < 2:
-            return float("nan")
-        return (new_tokens - 1) / max(1e-9, self.last - self.first)

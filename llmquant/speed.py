@@ -1,10 +1,12 @@
 """Inference speed and memory of a model, and of its base beside it: `llmquant bench`.
 
 Each model is measured in a child process of its own, so its memory is its own: the resident
-memory once loaded, and the peak over loading and running. Inside the child: a short warm-up,
-then a prefill of `prompt_tokens` random token ids (time to first token: the prompt's forward and
-the first token's choice), then greedy decoding of `new_tokens` tokens one at a time through the
-KV cache. Token ids are drawn from a fixed seed, so a model and its base see the same prompt.
+memory once loaded, and the peak over loading and running. Inside the child, `generate()` runs as
+`llmquant generate` runs it: a warm-up (short; of the full lengths when compiled, since compilation
+is for one shape), then a prefill of `prompt_tokens` random token ids (time to first token: the
+prompt's forward and the first token's choice) and greedy decoding of exactly `new_tokens` tokens
+through the KV cache. Token ids are drawn from a fixed seed, so a model and its base see the same
+prompt. With `compiled`, the KV cache is static and the decode step is compiled (torch.compile).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class Speed:
     decode_tokens_per_s: float
     ttft_s: float
     load_s: float
+    warmup_s: float  # the first generation, compilation included
+    compiled: bool
     rss_loaded_bytes: int
     peak_rss_bytes: int
 
@@ -48,7 +52,8 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(path: str, prompt_tokens: int, new_tokens: int, device: str = "cpu", dtype: str | None = None) -> Speed:
+def measure(path: str, prompt_tokens: int, new_tokens: int, device: str = "cpu", dtype: str | None = None,
+            compiled: bool = False) -> Speed:
     """One model's figures, in this process (see the module docstring)."""
     import torch
 
@@ -66,38 +71,104 @@ def measure(path: str, prompt_tokens: int, new_tokens: int, device: str = "cpu",
                         f"context of {context} tokens")
     vocab = model.get_input_embeddings().weight.shape[0]
     ids = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0)).to(device)
-    _generate(model, ids[:, :8], 4)  # warm-up: first-call allocations and lazy initialisation
-    ttft, decode_s = _generate(model, ids, new_tokens)
+    start = time.perf_counter()
+    if compiled:  # warm-up: allocations, lazy initialisation, compilation
+        _generate(model, ids, new_tokens, compiled)
+    else:
+        _generate(model, ids[:, :8], 4, compiled)
+    warmup_s = time.perf_counter() - start
+    clock = _generate(model, ids, new_tokens, compiled)
     held = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    return Speed(str(path), str(held).removeprefix("torch."), prompt_tokens, new_tokens, prompt_tokens / ttft,
-                 (new_tokens - 1) / decode_s if new_tokens > 1 else 0.0, ttft, load_s, rss_loaded,
-                 _peak_rss_bytes())
+    return Speed(str(path), str(held).removeprefix("torch."), prompt_tokens, new_tokens,
+                 clock.prefill_rate(prompt_tokens), clock.decode_rate(new_tokens), clock.first - clock.start,
+                 load_s, warmup_s, compiled, rss_loaded, _peak_rss_bytes())
 
 
-def _generate(model, ids, new_tokens: int) -> tuple[float, float]:
-    """(seconds to the first new token, seconds for the other new tokens): greedy, one token per step."""
+def _generate(model, ids, new_tokens: int, compiled: bool) -> "Clock":
+    """Greedy generation of exactly `new_tokens` tokens through `generate()`, as `llmquant generate` runs it."""
     import torch
 
-    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+    clock = Clock()
     with torch.inference_mode():
-        start = time.perf_counter()
-        out = model(ids, use_cache=True, logits_to_keep=1)
-        token = out.logits[:, -1:].argmax(-1)
-        sync()
-        first = time.perf_counter()
-        past = out.past_key_values
-        for _ in range(new_tokens - 1):
-            out = model(token, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        sync()
-    return first - start, time.perf_counter() - first
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, streamer=clock, pad_token_id=0,
+                       **generation_options(compiled))
+    if ids.is_cuda:
+        torch.cuda.synchronize()
+    return clock
+
+
+def generation_options(compiled: bool) -> dict:
+    """generate() options: with `compiled`, a static KV cache and the decode step compiled by torch.compile
+    (transformers does that on its own on CUDA; here it is asked for on every device)."""
+    if not compiled:
+        return {"disable_compile": True}
+    from transformers import CompileConfig
+
+    config = CompileConfig()
+    config._compile_all_devices = True  # transformers' switch for compiling off CUDA
+    return {"cache_implementation": "static", "compile_config": config}
+
+
+class _Timing:
+    """Times a generate() call through its streamer: it puts the prompt first, then each new token."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.start = time.perf_counter()
+        self.first = self.last = None
+        self.puts = 0
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        self.puts += 1
+        if self.puts == 2:
+            self.first = now
+        if self.puts >= 2:
+            self.last = now
+
+    def prefill_rate(self, prompt_tokens: int) -> float:
+        """Prompt tokens per second up to the first new token (time to first token)."""
+        return prompt_tokens / max(1e-9, (self.first or time.perf_counter()) - self.start)
+
+    def decode_rate(self, new_tokens: int) -> float:
+        """New tokens per second after the first."""
+        if self.first is None or self.last is None or new_tokens < 2:
+            return float("nan")
+        return (new_tokens - 1) / max(1e-9, self.last - self.first)
+
+
+def _streamers():
+    from transformers import TextStreamer
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(_Timing, BaseStreamer):
+        """Times generation, prints nothing."""
+
+        def put(self, value):
+            self.tick()
+
+        def end(self):
+            pass
+
+    class TimedStreamer(_Timing, TextStreamer):
+        """Streams text like TextStreamer and times it."""
+
+        def put(self, value):
+            self.tick()
+            super().put(value)
+
+    return Clock, TimedStreamer
+
+
+Clock, TimedStreamer = _streamers()
 
 
 def measure_in_child(path: str, prompt_tokens: int, new_tokens: int, device: str = "cpu",
-                     dtype: str | None = None) -> Speed:
+                     dtype: str | None = None, compiled: bool = False) -> Speed:
     """`measure` in a fresh interpreter, so that memory figures are this model's alone."""
     args = json.dumps({"path": str(path), "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
-                       "device": device, "dtype": dtype})
+                       "device": device, "dtype": dtype, "compiled": compiled})
     proc = subprocess.run([sys.executable, "-m", "llmquant.speed", args], capture_output=True, text=True)
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
@@ -133,7 +204,7 @@ def check_lengths(prompt_tokens: int, new_tokens: int) -> None:
 
 
 def bench(path: str, base: str | None = None, prompt_tokens: int = 256, new_tokens: int = 32, device: str = "cpu",
-          base_dtypes: tuple[str, ...] | None = None) -> dict:
+          base_dtypes: tuple[str, ...] | None = None, compiled: bool = False) -> dict:
     """Figures of `path` and, with `base`, of the base in each of `base_dtypes` (default on the CPU: bfloat16
     and float32, since which is faster differs between prefill and decode), one after the other, each in
     its own process; the ratios compare against the base's faster figure."""
@@ -146,11 +217,12 @@ def bench(path: str, base: str | None = None, prompt_tokens: int = 256, new_toke
         if v and vocab and v != vocab:
             raise UserError(f"{base} has a vocabulary of {v} tokens and {path} one of {vocab}: "
                             f"a base must share the model's tokenizer")
-    result = {"model": measure_in_child(path, prompt_tokens, new_tokens, device).to_dict(), "base": []}
+    result = {"model": measure_in_child(path, prompt_tokens, new_tokens, device, None, compiled).to_dict(), "base": []}
     if base is None:
         return result
     dtypes = base_dtypes or (FLOAT_DTYPES if device == "cpu" else (None,))
-    result["base"] = [measure_in_child(base, prompt_tokens, new_tokens, device, d).to_dict() for d in dtypes]
+    result["base"] = [measure_in_child(base, prompt_tokens, new_tokens, device, d, compiled).to_dict()
+                      for d in dtypes]
     best = {key: max(b[key] for b in result["base"]) for key in ("prefill_tokens_per_s", "decode_tokens_per_s")}
     result["decode_speedup"] = result["model"]["decode_tokens_per_s"] / best["decode_tokens_per_s"]
     result["prefill_speedup"] = result["model"]["prefill_tokens_per_s"] / best["prefill_tokens_per_s"]

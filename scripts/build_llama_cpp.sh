@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build llama.cpp's reference tools (llama-quantize, llama-imatrix, llama-perplexity) and its shared
+# Build llama.cpp's reference tools (llama-quantize, llama-imatrix, llama-perplexity, llama-bench) and its shared
 # library from the source bundled in the llama-cpp-python sdist, so the GGUF checks compare against
 # the same llama.cpp that `pip install llama-cpp-python` would compile. The build lives in the cache
 # (LLMQUANT_CACHE, default ~/.cache/llmquant), never in the repo; rerunning is a no-op once built.
@@ -14,7 +14,7 @@ CACHE=${LLMQUANT_CACHE:-$HOME/.cache/llmquant}
 ROOT=$CACHE/llama.cpp-$VERSION
 BIN=$ROOT/build/bin
 if [[ ${1:-} == --print-bin ]]; then echo "$BIN"; exit 0; fi
-if [[ -x $BIN/llama-quantize && -x $BIN/llama-perplexity && -x $BIN/llama-imatrix ]]; then
+if [[ -x $BIN/llama-quantize && -x $BIN/llama-perplexity && -x $BIN/llama-imatrix && -x $BIN/llama-bench ]]; then
   echo "already built: $BIN"; exit 0
 fi
 mkdir -p "$ROOT"
@@ -28,5 +28,5 @@ fi
 cmake -S "$ROOT/src" -B "$ROOT/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
   -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
   -DLLAMA_BUILD_SERVER=OFF -DGGML_NATIVE=ON > "$ROOT/cmake.log"
-cmake --build "$ROOT/build" -j "$(nproc)" --target llama-quantize llama-perplexity llama-imatrix llama
+cmake --build "$ROOT/build" -j "$(nproc)" --target llama-quantize llama-perplexity llama-imatrix llama-bench llama
 echo "built: $BIN"

@@ -11,6 +11,7 @@ from llmquant.nn.qlinear import QuantLinear
 from tiny import sample_text
 
 pytestmark = pytest.mark.demo
+NEAR_TIE = 0.25  # logits
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "test.raw.txt"
 
 
@@ -50,8 +51,10 @@ def test_demo_rtn_w4_and_w8(demo_model_dir, tmp_path, eval_text, capsys):
 
 
 def assert_cpu_kernels_generate_like_the_dequantized_model(path):
-    """32 greedy tokens of the packed model on the CPU kernels (bfloat16 activations) are those of the float32
-    model carrying the dequantized weights."""
+    """The packed model on the CPU kernels (bfloat16 activations) continues greedily as the float32 model carrying
+    the dequantized weights would: at each of 32 steps its token is the float model's choice, or within
+    NEAR_TIE logits of it. bfloat16 rounding moves logits by about 0.1 (the float model run in bfloat16 moves
+    them as much), so a near tie can flip either way and greedy decoding then follows another path."""
     import torch
 
     from llmquant.api import load_any
@@ -59,9 +62,13 @@ def assert_cpu_kernels_generate_like_the_dequantized_model(path):
 
     packed, tokenizer = load_any(path)
     exact, _ = load_any(path, exact=True)
-    ids = tokenizer("The capital of France is Paris. The largest planet in the solar system is",
-                    return_tensors="pt").input_ids
-    got, got_logits = greedy(packed, ids, 32)
-    want, want_logits = greedy(exact, ids, 32)
-    assert got == want, (tokenizer.decode(got), tokenizer.decode(want))
-    assert ((got_logits - want_logits).norm() / want_logits.norm()).item() < 2e-2
+    for prompt in ("The capital of France is Paris. The largest planet in the solar system is", "Once upon a time"):
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        tokens, _ = greedy(packed, ids, 32)
+        sequence = torch.cat([ids, torch.tensor([tokens])], 1)
+        with torch.inference_mode():
+            got = packed(sequence).logits[0, ids.shape[1] - 1:-1].float()
+            want = exact(sequence).logits[0, ids.shape[1] - 1:-1].float()
+        behind = want.max(-1).values - want.gather(1, got.argmax(-1, keepdim=True))[:, 0]
+        assert behind.max().item() < NEAR_TIE, (prompt, behind.tolist())
+        assert (got - want).abs().mean().item() < 0.3
