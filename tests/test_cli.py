@@ -80,6 +80,18 @@ def test_bench_measures_a_model_beside_its_base_and_refuses_what_it_cannot_compa
         assert_one_line_error(*run(capsys, *argv)[::2], *needles)
 
 
+@pytest.mark.slow
+def test_bench_with_a_compiled_decode_step(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "q8"
+    assert run(capsys, "quantize", tiny_model_dir, "--bits", 8, "--group-size", 32, "--asym", "--out", out)[0] == 0
+    code, stdout, _ = run(capsys, "bench", out, "--prompt-tokens", 8, "--new-tokens", 6, "--compile", "--json")
+    assert code == 0
+    model = json.loads(stdout)["model"]
+    assert model["compiled"] and model["decode_tokens_per_s"] > 0 and model["warmup_s"] > model["ttft_s"]
+    code, _, err = run(capsys, "generate", out, "--prompt", "the king", "--max-new-tokens", 5, "--compile")
+    assert code == 0 and "decode 5 tokens" in err
+
+
 def test_lower_bits_cost_more_quality(tiny_model_dir, tmp_path, text_file, capsys):
     kld = {}
     for bits in (8, 2):
