@@ -62,34 +62,14 @@ def _tile(g_sorted: torch.Tensor, sizes) -> int | None:
     return None
 
 
-class _CpuKernelLinear(nn.Module):
-    """What both kernels' layers share: the input's columns in the weight's order, the output's shape."""
-
-    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, perm: torch.Tensor | None):
-        super().__init__()
-        self.in_features, self.out_features, self.bits = qw.in_features, qw.out_features, qw.bits
-        self.register_buffer("perm", perm)
-        self.register_buffer("bias", bias)
-
-    def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        """`x` as [rows, in_features] in bfloat16, its columns in the packed weight's order."""
-        rows = x.reshape(-1, self.in_features)
-        if self.perm is not None:
-            rows = rows.index_select(1, self.perm)
-        return rows.to(COMPUTE)
-
-    def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-
-
-class Int4CpuLinear(_CpuKernelLinear):
+class Int4CpuLinear(nn.Module):
     """2/3/4-bit weights in the int4 layout of PyTorch's CPU kernel; 8-bit ones as two such halves."""
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, tile: int, perm, g_sorted):
-        super().__init__(qw, bias, perm)
-        self.tile = tile
+        super().__init__()
+        self.in_features, self.out_features, self.bits, self.tile = qw.in_features, qw.out_features, qw.bits, tile
+        self.register_buffer("perm", perm)
+        self.register_buffer("bias", bias)
         codes = qw.codes if perm is None else qw.codes[:, perm]
         zeros = qw.zeros
         if qw.bits < 4:  # codes moved up the 4-bit range so that each group's zero point sits near 8: the
@@ -117,6 +97,18 @@ class Int4CpuLinear(_CpuKernelLinear):
         y += rows.view(rows.shape[0], -1, self.tile).float().sum(-1) @ self.offset
         return self._finish(y, x)
 
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` as [rows, in_features] in bfloat16, its columns in the packed weight's order."""
+        rows = x.reshape(-1, self.in_features)
+        if self.perm is not None:
+            rows = rows.index_select(1, self.perm)
+        return rows.to(COMPUTE)
+
+    def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, tile={self.tile}"
 
@@ -134,7 +126,7 @@ def cpu_linear(layer: QuantLinear) -> nn.Module | None:
 
 def use_cpu_kernels(model: nn.Module) -> list[str]:
     """Swap every QuantLinear of `model` for its CPU-kernel twin, in place, one layer at a time (so the
-    peak is the packed model plus one layer). Returns the names of the layers neither kernel takes:
+    peak is the packed model plus one layer). Returns the names of the layers the kernel cannot take:
     they stay QuantLinear and dequantize on every call, holding no float copy."""
     kept = []
     names = [name for name, module in model.named_modules() if isinstance(module, QuantLinear)]
