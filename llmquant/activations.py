@@ -21,28 +21,37 @@ class Captured(Exception):
 
 
 class Catcher(nn.Module):
-    """Stands in for block 0: records what the model feeds it, then stops the forward pass."""
+    """Stands in for a decoder block: records what the model feeds it. Block 0 keeps the hidden states of
+    every sample; every block keeps its keyword arguments once (attention mask, rotary embeddings: they
+    differ between blocks of sliding-window and full attention). The forward pass stops at block 0 once
+    every block's arguments are known, else at the last block, passing the hidden states on in between."""
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, index: int, kwargs: list):
         super().__init__()
-        self.block = block
+        self.block, self.index, self.kwargs = block, index, kwargs
         self.hidden: torch.Tensor | None = None
-        self.kwargs: dict | None = None
 
     def forward(self, hidden_states, *args, **kwargs):
         if args:
             raise RuntimeError("decoder block received positional arguments beyond hidden_states")
-        self.hidden = hidden_states
-        self.kwargs = kwargs
-        raise Captured
+        if self.index == 0:
+            self.hidden = hidden_states
+        if self.kwargs[self.index] is None:
+            self.kwargs[self.index] = kwargs
+        if self.index == len(self.kwargs) - 1 or all(k is not None for k in self.kwargs):
+            raise Captured
+        return hidden_states
 
 
-def _move(value, device, dtype):
-    """Tensors (also inside tuples) to the work device; floating ones to the compute dtype."""
+def _move(value, device, dtype, memo: dict):
+    """Tensors (also inside tuples) to the work device; floating ones to the compute dtype. A tensor several
+    blocks share is moved once (`memo`, by identity)."""
     if isinstance(value, torch.Tensor):
-        return value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+        if id(value) not in memo:
+            memo[id(value)] = (value, value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype))
+        return memo[id(value)][1]
     if isinstance(value, (tuple, list)):
-        return type(value)(_move(v, device, dtype) for v in value)
+        return type(value)(_move(v, device, dtype, memo) for v in value)
     return value
 
 
@@ -52,14 +61,21 @@ class BlockInputs:
     unless the work device is the CPU too; each batch goes to the work device (`device`) for its forward."""
 
     hidden: torch.Tensor  # [N, L, H], compute dtype
-    kwargs: dict  # captured at batch size 1, on the work device; broadcast over any batch
+    kwargs: dict  # the current block's keyword arguments, at batch size 1 on the work device (see at_block)
     reference: torch.Tensor | None = None  # the float model's hidden states at the same block (float targets)
     mapped: list = field(default_factory=list)  # memory.MappedTensors behind hidden / reference, if on disk
     budget: object | None = None  # memory.Budget that optional records are taken from (None: ask the system)
     device: torch.device | None = None  # the work device (None: where `hidden` is)
+    block_kwargs: list[dict] | None = None  # every block's keyword arguments (None: `kwargs` serves all)
 
     def __post_init__(self):
         self.device = torch.device(self.device) if self.device is not None else self.hidden.device
+
+    def at_block(self, index: int) -> BlockInputs:
+        """Ready for block `index`: its own attention mask and rotary embeddings."""
+        if self.block_kwargs is not None:
+            self.kwargs = self.block_kwargs[index]
+        return self
 
     def batch(self, stream: torch.Tensor, rows) -> torch.Tensor:
         """Rows of a stream (hidden or reference) on the work device."""
@@ -78,25 +94,30 @@ def capture_inputs(model: nn.Module, adapter: ArchAdapter, samples: torch.Tensor
     `allocate(name, shape, dtype)` gives the host tensor the hidden states are kept in and the MappedTensor
     behind it, if any (default: host memory, pinned when the work device is a GPU)."""
     blocks = adapter.blocks(model)
-    catcher = Catcher(blocks[0])
-    blocks[0] = catcher
+    originals = list(blocks)
+    block_kwargs = [None] * len(blocks)
+    catchers = [Catcher(block, i, block_kwargs) for i, block in enumerate(originals)]
     hidden, mapped = None, []
     try:
+        for i, catcher in enumerate(catchers):
+            blocks[i] = catcher
         for i in range(samples.shape[0]):
             try:
                 model(samples[i:i + 1], use_cache=False)
             except Captured:
                 pass
             if hidden is None:
-                shape = (samples.shape[0], *catcher.hidden.shape[1:])
+                shape = (samples.shape[0], *catchers[0].hidden.shape[1:])
                 hidden, backing = (allocate or in_memory(device))("hidden", shape, dtype)
                 mapped += [backing] if backing is not None else []
-            hidden[i:i + 1] = catcher.hidden.to(dtype=dtype)
+            hidden[i:i + 1] = catchers[0].hidden.to(dtype=dtype)
     finally:
-        blocks[0] = catcher.block
+        for i, block in enumerate(originals):
+            blocks[i] = block
     drop = {"past_key_values", "past_key_value", "use_cache", "output_attentions"}
-    kwargs = {k: _move(v, device, dtype) for k, v in catcher.kwargs.items() if k not in drop}
-    return BlockInputs(hidden, kwargs, mapped=mapped, device=device)
+    memo = {}
+    block_kwargs = [{k: _move(v, device, dtype, memo) for k, v in kw.items() if k not in drop} for kw in block_kwargs]
+    return BlockInputs(hidden, block_kwargs[0], mapped=mapped, device=device, block_kwargs=block_kwargs)
 
 
 def in_memory(device):

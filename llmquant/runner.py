@@ -289,6 +289,8 @@ def _quantize_block(block: nn.Module, index: int, run: _Run) -> None:
     if run.checkpoint is not None:
         run.checkpoint.materialize(block, prefix, run.device, run.compute_dtype)
     block.to(device=run.device, dtype=run.compute_dtype)
+    if run.inputs is not None:
+        run.inputs.at_block(index)
     with solving():
         if hasattr(run.solver, "prepare_block"):  # e.g. AWQ: search and fold scales before anything is rounded
             run.solver.prepare_block(block, prefix, run.inputs, run.batch)

@@ -1,9 +1,12 @@
+import pytest
 import torch
 
+from llmquant.activations import capture_inputs, forward_block
 from llmquant.models.loader import load_float_model
 from llmquant.numerics.grid import QuantSpec
 from llmquant.quant.rtn import rtn
 from llmquant.runner import run_layers
+from tiny import make_tiny_model
 
 
 class Gram:
@@ -148,3 +151,23 @@ def test_float_targets_pair_each_input_with_the_float_models(tiny_model_dir):
         torch.testing.assert_close(torch.cat(pairs.x), quantized_inputs[name], rtol=1e-4, atol=1e-4)
         drifted += not torch.allclose(float_inputs[name], quantized_inputs[name], atol=1e-3)
     assert drifted == len(targets) - 3  # all but block 0's q/k/v, which read the embeddings
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "gemma2"])
+def test_each_block_runs_with_its_own_attention_mask(family, tmp_path):
+    """Sliding-window and full-attention blocks get different masks and rotary tables: the captured inputs,
+    propagated block by block, are the model's own hidden states."""
+    kinds = {"layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}
+    model, _, adapter, _ = load_float_model(make_tiny_model(tmp_path / family, family, layers=3, **kinds))
+    samples = torch.randint(3, 300, (3, 24))  # three times the tiny models' window of 8
+    inputs = capture_inputs(model, adapter, samples, "cpu", torch.float32)
+    with torch.no_grad():
+        states = [model(samples[i:i + 1], output_hidden_states=True).hidden_states for i in range(3)]
+    for index, block in enumerate(adapter.blocks(model)):
+        forward_block(block, inputs.at_block(index), 2, update=True)
+        expected = torch.cat([s[index + 1] for s in states])
+        if index == len(adapter.blocks(model)) - 1:
+            break  # the last hidden state is reported after the final norm
+        assert torch.allclose(inputs.hidden, expected, atol=1e-5), index
+    masks = [kwargs["attention_mask"] for kwargs in inputs.block_kwargs]
+    assert masks[0] is not masks[1] and masks[0] is masks[2]
