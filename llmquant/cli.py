@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
 
 from .errors import UserError, one_line
 
@@ -361,11 +362,21 @@ COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate
             "inspect": cmd_inspect, "demo-model": cmd_demo_model}
 
 
+def _say_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """llmquant's own warnings as one line on stderr; other libraries' keep their usual form."""
+    if str(filename).startswith(os.path.dirname(__file__)):
+        print(f"llmquant: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _say_warning
+            COMMANDS[args.command](args)
     except Exception as err:  # every failure a user can act on is one line; a bug keeps its traceback
         line = one_line(err)
         if line is None:

@@ -41,23 +41,33 @@ def make_tokenizer(vocab_size: int = 384):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
+# Gemma scales queries by query_pre_attn_scalar, llama.cpp by the head size: equal here, as in the real models;
+# a window of 8 tokens makes sliding-window blocks differ from full-attention ones on short samples
+GEMMA = {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8}
 FAMILY_EXTRA = {
     "llama": {},
     "mistral": {"sliding_window": None},
     "qwen2": {},
     "qwen3": {"head_dim": 16},
+    "granite": {"embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.2,
+                "logits_scaling": 4.0},
+    "gemma2": GEMMA,
+    "gemma3_text": {**GEMMA, "layer_types": ["sliding_attention", "full_attention"]},
+    "olmo2": {},
+    "phi3": {},
 }
+TIED = {"gemma2", "gemma3_text"}  # llama.cpp's Gemma has no output tensor: these families always tie it
 
 
 def make_config(model_type: str = "llama", vocab_size: int = 384, hidden: int = 64, layers: int = 2,
-                intermediate: int = 96, heads: int = 4, kv_heads: int = 2, tie: bool = False):
+                intermediate: int = 96, heads: int = 4, kv_heads: int = 2, tie: bool | None = None, **extra):
     from transformers import AutoConfig
 
     return AutoConfig.for_model(
         model_type, vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=512, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
-        **FAMILY_EXTRA[model_type],
+        max_position_embeddings=512, tie_word_embeddings=model_type in TIED if tie is None else tie, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        **{**FAMILY_EXTRA[model_type], **extra},
     )
 
 

@@ -114,7 +114,7 @@ class GGUFFile:
         from .gguf.writer import arch_of, gguf_name
 
         cfg, shapes = checkpoint.model.config, checkpoint.state_shapes()
-        arch = arch_of(cfg.model_type)
+        arch = arch_of(checkpoint.adapter)
         names = {hf: gguf_name(hf, arch, cfg.num_hidden_layers) for hf in shapes}
         infos = [TensorInfo(g, tuple(shapes[hf].shape)) for hf, g in names.items()]
         n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -132,7 +132,7 @@ class GGUFFile:
         adapter = checkpoint.adapter
         blocks = range(len(adapter.blocks(checkpoint.model)))
         outside = {n for n in plan.names if not any(n.startswith(adapter.block_prefix(i)) for i in blocks)}
-        return GGUFSink(tmp, checkpoint.model.config, checkpoint.path, tokenizer, checkpoint.state_shapes(),
+        return GGUFSink(tmp, checkpoint.model.config, adapter, checkpoint.path, tokenizer, checkpoint.state_shapes(),
                         plan.types, plan.names, MIXES[config.gguf_type][0], checkpoint.read, outside)
 
     def figures(self, out: Path, sink) -> dict:

@@ -1,20 +1,48 @@
-"""Where each architecture keeps what the quantizer needs: blocks, linears in solve order, AWQ pairs.
+"""Where each architecture keeps what the quantizer needs: blocks, linears in solve order, input-sharing
+groups, AWQ scaling pairs and how to fold them, the replayable children, and its GGUF architecture.
 
-One `ArchAdapter` per family. Linear names are relative to a decoder block.
+One `ArchAdapter` per family, registered in `ADAPTERS`: adding a family is one entry here (plus, for GGUF,
+whatever llama.cpp needs beyond the Llama keys: `gguf_keys`). Linear names are relative to a decoder block.
+A family not registered here gets an adapter found by inspecting its first block (models/discover.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from torch import nn
 
 from ..errors import UserError
 
-ATTN_QKV = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
-ATTN_OUT = ["self_attn.o_proj"]
-MLP_IN = ["mlp.gate_proj", "mlp.up_proj"]
-MLP_OUT = ["mlp.down_proj"]
+QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+O = ("self_attn.o_proj",)
+GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+DOWN = ("mlp.down_proj",)
+
+# How AWQ folds 1/s into the op before a scaling group (quant/awq.py: fold_scales):
+SCALE = "scale"  # the op's output is its weight times something: divide the weight (rows of a linear)
+OFFSET = "offset"  # a norm computing x * (1 + w) (Gemma): (1 + w) / s, so w becomes (1 + w) / s - 1
+# a fused linear of n equal parts whose last part feeds the group: phi3's up in gate_up_proj (2), its v in
+# qkv_proj (3: only without grouped-query attention are q, k and v equal, and only then can v be scaled alone)
+LAST_OF_2, LAST_OF_3 = "last of 2", "last of 3"
+
+
+class ScalingPair(NamedTuple):
+    """AWQ: `previous`'s output is divided by s and the input columns of `readers` multiplied by s."""
+
+    previous: str
+    readers: tuple[str, ...]
+    fold: str = SCALE
+
+
+def _pairs(*items) -> tuple[ScalingPair, ...]:
+    return tuple(ScalingPair(*item) for item in items)
+
+
+LLAMA_PAIRS = _pairs(("input_layernorm", QKV), ("self_attn.v_proj", O), ("post_attention_layernorm", GATE_UP),
+                     ("mlp.up_proj", DOWN))
 
 
 @dataclass(frozen=True)
@@ -22,14 +50,8 @@ class ArchAdapter:
     family: str
     # "true sequential" order: each group is solved seeing the quantized outputs of the groups before it;
     # the linears of a group read the same input, so calibration statistics are gathered once per group
-    sequential: tuple[tuple[str, ...], ...] = (tuple(ATTN_QKV), tuple(ATTN_OUT), tuple(MLP_IN), tuple(MLP_OUT))
-    # AWQ scaling pairs: (previous op whose output is scaled down, linears that read it and are scaled up)
-    scaling_pairs: tuple[tuple[str, tuple[str, ...]], ...] = (
-        ("input_layernorm", tuple(ATTN_QKV)),
-        ("self_attn.v_proj", tuple(ATTN_OUT)),
-        ("post_attention_layernorm", tuple(MLP_IN)),
-        ("mlp.up_proj", tuple(MLP_OUT)),
-    )
+    sequential: tuple[tuple[str, ...], ...] = (QKV, O, GATE_UP, DOWN)
+    scaling_pairs: tuple[ScalingPair, ...] = LLAMA_PAIRS
     # block children that hold only linears of this block, and whose input is fixed once the linears of
     # the children before them are quantized: once their own are too, later passes replay their output
     replayable: tuple[str, ...] = ("self_attn", "mlp")
@@ -37,31 +59,91 @@ class ArchAdapter:
     # child's output is that linear's output, so a replay computes it from the linear's recorded inputs
     tails: dict[str, tuple[str, bool]] = field(default_factory=lambda: {"self_attn": ("o_proj", True),
                                                                         "mlp": ("down_proj", False)})
-    gguf_arch: str = "llama"
-    extra: dict = field(default_factory=dict)
+    blocks_path: str = "model.layers"  # where the decoder blocks sit in the CausalLM
+    gguf_arch: str = "llama"  # llama.cpp's architecture name (gguf.MODEL_ARCH)
+    gguf_keys: Callable | None = None  # (GGUFWriter, config) -> None: keys llama.cpp needs beyond Llama's
+    norm_offset: float = 0.0  # norms compute x * (norm_offset + w): llama.cpp's files store the sum
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
-        return model.model.layers
+        return model.get_submodule(self.blocks_path)
 
     def block_prefix(self, index: int) -> str:
-        return f"model.layers.{index}."
+        return f"{self.blocks_path}.{index}."
 
     def linears(self) -> list[str]:
         return [name for group in self.sequential for name in group]
 
+
+def _sliding_keys(w, config) -> None:
+    """Which blocks attend within a window, and their rotary base when it is their own (Gemma 3)."""
+    kinds = getattr(config, "layer_types", None) or ()
+    if "sliding_attention" not in kinds:
+        return
+    w.add_sliding_window(config.sliding_window)
+    w.add_sliding_window_pattern([kind == "sliding_attention" for kind in kinds])
+    local = (getattr(config, "rope_parameters", None) or {}).get("sliding_attention")
+    if local:
+        w.add_rope_freq_base_swa(float(local["rope_theta"]))
+
+
+def _gemma2_keys(w, config) -> None:
+    w.add_attn_logit_softcapping(config.attn_logit_softcapping)
+    w.add_final_logit_softcapping(config.final_logit_softcapping)
+    _sliding_keys(w, config)
+
+
+def _gemma3_keys(w, config) -> None:
+    if getattr(config, "final_logit_softcapping", None):
+        w.add_final_logit_softcapping(config.final_logit_softcapping)
+    _sliding_keys(w, config)
+
+
+def _phi3_keys(w, config) -> None:
+    rope = getattr(config, "rope_parameters", None) or {}
+    w.add_rope_scaling_orig_ctx_len(rope.get("original_max_position_embeddings", config.max_position_embeddings))
+    w.add_sliding_window(getattr(config, "sliding_window", None) or 0)  # 0: llama.cpp's "no window"
+
+
+def _granite_keys(w, config) -> None:
+    w.add_attention_scale(config.attention_multiplier)
+    w.add_embedding_scale(config.embedding_multiplier)
+    w.add_residual_scale(config.residual_multiplier)
+    w.add_logit_scale(config.logits_scaling)
+
+
+# Gemma: four norms a block, the MLP reads the pre-feed-forward norm, and every norm scales by (1 + w)
+GEMMA_PAIRS = _pairs(("input_layernorm", QKV, OFFSET), ("self_attn.v_proj", O),
+                     ("pre_feedforward_layernorm", GATE_UP, OFFSET), ("mlp.up_proj", DOWN))
 
 ADAPTERS: dict[str, ArchAdapter] = {
     "llama": ArchAdapter("llama"),
     "mistral": ArchAdapter("mistral"),
     "qwen2": ArchAdapter("qwen2", gguf_arch="qwen2"),
     "qwen3": ArchAdapter("qwen3", gguf_arch="qwen3"),
+    "granite": ArchAdapter("granite", gguf_arch="granite", gguf_keys=_granite_keys),
+    "gemma2": ArchAdapter("gemma2", scaling_pairs=GEMMA_PAIRS, gguf_arch="gemma2", gguf_keys=_gemma2_keys,
+                          norm_offset=1.0),
+    "gemma3_text": ArchAdapter("gemma3_text", scaling_pairs=GEMMA_PAIRS, gguf_arch="gemma3", gguf_keys=_gemma3_keys,
+                               norm_offset=1.0),
+    # OLMo 2 normalises after attention and MLP, not before: q/k/v and gate/up read the residual stream itself
+    "olmo2": ArchAdapter("olmo2", scaling_pairs=_pairs(("self_attn.v_proj", O), ("mlp.up_proj", DOWN)),
+                         gguf_arch="olmo2"),
+    # Phi-3 fuses q/k/v and gate/up into one linear each; v and up are their last rows
+    "phi3": ArchAdapter(
+        "phi3", sequential=(("self_attn.qkv_proj",), O, ("mlp.gate_up_proj",), DOWN),
+        scaling_pairs=_pairs(("input_layernorm", ("self_attn.qkv_proj",)), ("self_attn.qkv_proj", O, LAST_OF_3),
+                             ("post_attention_layernorm", ("mlp.gate_up_proj",)), ("mlp.gate_up_proj", DOWN, LAST_OF_2)),
+        gguf_arch="phi3", gguf_keys=_phi3_keys),
 }
 
 
-def adapter_for(model_type: str) -> ArchAdapter:
-    try:
+def adapter_for(model_type: str, model: nn.Module | None = None) -> ArchAdapter:
+    """The registered adapter of a family; for an unknown one, the adapter found by inspecting `model`'s first
+    block (with a warning naming what was found), or one line naming the supported families without it."""
+    if model_type in ADAPTERS:
         return ADAPTERS[model_type]
-    except KeyError:
-        raise UserError(
-            f"unsupported architecture '{model_type}'; supported families: {', '.join(sorted(ADAPTERS))}"
-        ) from None
+    if model is not None:
+        from .discover import discover
+
+        return discover(model, model_type)
+    raise UserError(f"unsupported architecture '{model_type}'; supported families: {', '.join(sorted(ADAPTERS))}")

@@ -71,7 +71,6 @@ class Checkpoint:
         if "quantization_config" in raw:
             raise UserError(f"{self.path} is already quantized ({raw['quantization_config'].get('quant_method')}); "
                             f"give a float checkpoint")
-        self.adapter: ArchAdapter = adapter_for(raw["model_type"])
         self.index = shard_index(self.path)
         self.headers = self._read_headers()
         try:
@@ -85,6 +84,7 @@ class Checkpoint:
         except Exception as err:  # whatever transformers or torch make of a bad config, it is the config's fault
             raise UserError(f"{self.path}/config.json does not describe a model that can be built: "
                             f"{_reason(err)}") from None
+        self.adapter: ArchAdapter = adapter_for(raw["model_type"], model)
         if not len(self.adapter.blocks(model)):
             raise UserError(f"{self.path}/config.json describes a model without decoder blocks")
         model.tie_weights()  # from_config leaves tied tensors apart on the meta device

@@ -96,7 +96,6 @@ def load_float_model(name: str | Path, dtype: torch.dtype | None = None,
 
     path = resolve_model(name)
     config = read_config(path)
-    adapter = adapter_for(config["model_type"])
     if "quantization_config" in config:
         raise UserError(f"{path} is already quantized ({config['quantization_config'].get('quant_method')}); "
                         f"give a float checkpoint")
@@ -109,4 +108,4 @@ def load_float_model(name: str | Path, dtype: torch.dtype | None = None,
         raise UserError(f"cannot load {path}: {str(err).splitlines()[0]}") from None
     for name, tensor in model.state_dict().items():
         require_finite(tensor, path, name)
-    return model.eval(), tokenizer, adapter, path
+    return model.eval(), tokenizer, adapter_for(config["model_type"], model), path

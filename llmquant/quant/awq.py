@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..models.adapters import LAST_OF_2, LAST_OF_3, OFFSET, SCALE
 from ..activations import BlockInputs, forward_block
 from .gptq import Hessian, _one_thread
 from ..numerics.grid import QuantizedWeight, QuantSpec, fit_range, round_to_grid
@@ -215,34 +216,40 @@ def search_clip(weight: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, n_gri
 
 
 def _is_norm(module: nn.Module) -> bool:
-    """Norms that multiply by their weight (RMSNorm of Llama/Mistral/Qwen, LayerNorm). Gemma-style
-    norms scale by (1 + weight) and would need a different fold."""
+    """A norm with one weight per channel (RMSNorm of every family, LayerNorm); how it applies the weight is
+    the adapter's to say (ScalingPair.fold)."""
     name = type(module).__name__
-    return isinstance(module, nn.LayerNorm) or (name.endswith("RMSNorm") and not name.startswith("Gemma"))
+    return isinstance(module, nn.LayerNorm) or name.endswith("RMSNorm")
 
 
-def can_fold(previous: nn.Module, channels: int) -> bool:
+def can_fold(previous: nn.Module, channels: int, fold: str = SCALE) -> bool:
     """Whether `previous` has one output channel per input channel of the group (GQA's v_proj -> o_proj
-    has not: o_proj reads each v head several times)."""
+    has not: o_proj reads each v head several times; a fused linear, one in each of its parts)."""
     if isinstance(previous, nn.Linear):
-        return previous.out_features == channels
-    return _is_norm(previous) and previous.weight is not None and previous.weight.shape == (channels,)
+        parts = {LAST_OF_2: 2, LAST_OF_3: 3}.get(fold, 1)
+        return previous.out_features == parts * channels
+    return (fold in (SCALE, OFFSET) and _is_norm(previous) and previous.weight is not None
+            and previous.weight.shape == (channels,))
 
 
 @torch.no_grad()
-def fold_scales(block: nn.Module, previous: str, linears: list[str], scales: torch.Tensor) -> None:
+def fold_scales(block: nn.Module, previous: str, linears: list[str], scales: torch.Tensor, fold: str = SCALE) -> None:
     """Divide the output of `previous` by s and multiply the input columns of `linears` by s: the block
-    computes the same function, with the scaled columns now in the weights."""
+    computes the same function, with the scaled columns now in the weights. `fold` says how the output of
+    `previous` depends on its weight (adapters.ScalingPair)."""
     prev = block.get_submodule(previous)
     s = scales.to(prev.weight.device, torch.float32)
-    if not can_fold(prev, s.numel()):
+    if not can_fold(prev, s.numel(), fold):
         raise UserError(f"cannot fold AWQ scales into '{previous}' ({type(prev).__name__})")
+    rows = slice(prev.weight.shape[0] - s.numel(), None)  # all rows, or a fused linear's last ones
     if isinstance(prev, nn.Linear):
-        prev.weight.copy_(prev.weight.float() / s[:, None])
+        prev.weight[rows] = prev.weight[rows].float() / s[:, None]
+    elif fold == OFFSET:
+        prev.weight.copy_((prev.weight.float() + 1) / s - 1)
     else:
         prev.weight.copy_(prev.weight.float() / s)
     if getattr(prev, "bias", None) is not None:
-        prev.bias.copy_(prev.bias.float() / s)
+        prev.bias[rows] = prev.bias[rows].float() / s
     for name in linears:
         linear = block.get_submodule(name)
         linear.weight.copy_(linear.weight.float() * s)
@@ -293,7 +300,7 @@ class AWQSolver:
         start = time.perf_counter()
         stride = max(1, math.ceil(inputs.hidden.shape[0] * inputs.hidden.shape[1] / self.max_tokens))
         stats, hooks = {}, []
-        for previous, names in self.pairs:
+        for previous, names, _ in self.pairs:
             reader = block.get_submodule(names[0])
             stats[previous] = InputStats(reader.in_features, reader.weight.device, stride)
             hooks.append(reader.register_forward_pre_hook(lambda m, args, st=stats[previous]: st.add(args[0])))
@@ -304,18 +311,18 @@ class AWQSolver:
                 hook.remove()
         block_judge = BlockJudge(block, inputs, batch, self.judge_tokens) if self.judge == "block" else None
         chosen = {}
-        for previous, names in self.pairs:  # every scale is folded before any clip is searched
+        for previous, names, fold in self.pairs:  # every scale is folded before any clip is searched
             quantized = [n for n in names if self._quantized(prefix + n)]
             if not quantized:
                 continue
             st = stats[previous]
             gram = st.gram
             entry = {"awq_pair": previous, "awq_tokens": st.tokens, "awq_judge": self.judge}
-            if can_fold(block.get_submodule(previous), gram.shape[0]):
+            if can_fold(block.get_submodule(previous), gram.shape[0], fold):
                 weight = torch.cat([block.get_submodule(n).weight for n in quantized])
                 best = search_scale(weight, gram, st.mean_abs, self.spec, self.n_grid, self.duo_scaling,
                                     self._error(block, quantized, block_judge), self.patience)
-                fold_scales(block, previous, list(names), best["scales"])
+                fold_scales(block, previous, list(names), best["scales"], fold)
                 chosen[previous] = (best["scales"], gram)
                 entry.update(awq_scaled=True, awq_alpha=best["alpha"], awq_error=best["error"],
                              awq_error_identity=best["error_identity"])
@@ -323,7 +330,7 @@ class AWQSolver:
                 chosen[previous] = (torch.ones(gram.shape[0], device=gram.device), gram)
                 entry["awq_scaled"] = False
             self._search.update({prefix + n: dict(entry) for n in quantized})
-        for previous, names in self.pairs:
+        for previous, names, _ in self.pairs:
             if previous not in chosen:
                 continue
             s, gram = chosen[previous]

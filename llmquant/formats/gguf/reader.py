@@ -17,6 +17,7 @@ from ...errors import UserError, require_finite
 from .mixes import MIXES
 from ...numerics.ggml import CODECS
 from .validate import GGUFSummary, check_gguf
+from ...models.adapters import adapter_for
 from .writer import PERMUTED, arch_of, gguf_name, heads_of, unpermute_rows
 
 
@@ -73,7 +74,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"{path}: transformers cannot build a model from this GGUF "
                         f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
-    arch = arch_of(config.model_type)
+    adapter = adapter_for(config.model_type)
+    arch = arch_of(adapter)
     # transformers' GGUF config mapping drops key_length; Qwen3 heads are not hidden / heads wide
     head_dim = summary.metadata.get(f"{summary.metadata.get('general.architecture')}.attention.key_length")
     if head_dim:
@@ -96,6 +98,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
         heads = heads_of(hf, config)
         if heads is not None and arch in PERMUTED:
             values = unpermute_rows(values, heads)
+        if adapter.norm_offset and hf.endswith("norm.weight"):
+            values = values - adapter.norm_offset  # stored as offset + w (writer.stored_value)
         if values.shape != meta.shape:
             raise UserError(f"{path}: tensor {name} has shape {tuple(values.shape)}, expected {tuple(meta.shape)}")
         state[hf] = values.to(dtype)

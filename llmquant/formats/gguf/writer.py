@@ -21,10 +21,11 @@ import numpy as np
 import torch
 
 from ...errors import UserError
-from ...models.adapters import adapter_for
+from ...models.adapters import ArchAdapter
 from ...numerics.ggml import CODECS
 
-PERMUTED = {gguf.MODEL_ARCH.LLAMA}  # archs whose rotary q/k rows llama.cpp expects interleaved
+# archs whose rotary q/k rows llama.cpp expects interleaved (the others rotate halves, as transformers does)
+PERMUTED = {gguf.MODEL_ARCH.LLAMA, gguf.MODEL_ARCH.GRANITE}
 
 # llama.cpp's pre-tokenizer names for the split regexes HF tokenizers use (llama-vocab.cpp)
 _SPLIT_PRE = {
@@ -44,9 +45,12 @@ class Tensor:
     data: np.ndarray  # uint8 [rows, row bytes] (or [bytes] for a vector), as the block codecs encode it
 
 
-def arch_of(model_type: str) -> gguf.MODEL_ARCH:
+def arch_of(adapter: ArchAdapter) -> gguf.MODEL_ARCH:
     """llama.cpp's architecture for a family, as its adapter declares it."""
-    name = adapter_for(model_type).gguf_arch
+    name, model_type = adapter.gguf_arch, adapter.family
+    if not name:
+        raise UserError(f"GGUF export needs a declared family: '{model_type}' was inspected, not declared, and what "
+                        f"llama.cpp needs to run it is not known; use --format gptq or awq")
     try:
         return gguf.MODEL_ARCH[name.upper()]
     except KeyError:
@@ -90,8 +94,14 @@ def heads_of(hf_name: str, config) -> int | None:
     return None
 
 
+def stored_value(hf_name: str, value: torch.Tensor, adapter: ArchAdapter) -> torch.Tensor:
+    """What llama.cpp reads for a float tensor: a norm computing x * (offset + w) is stored as offset + w."""
+    return value + adapter.norm_offset if adapter.norm_offset and hf_name.endswith("norm.weight") else value
+
+
 def _rope(config) -> dict:
     rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    rope = dict(rope.get("full_attention", rope))  # per layer type (Gemma 3): the global layers' settings
     rope.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
     rope["rope_type"] = rope.get("rope_type") or rope.get("type") or "default"
     return rope
@@ -117,8 +127,9 @@ def llama3_rope_factors(config) -> np.ndarray:
     return np.asarray(factors, dtype=np.float32)
 
 
-def add_hyperparameters(w: gguf.GGUFWriter, config) -> list[Tensor]:
-    """Architecture keys; returns extra tensors the rope scaling needs (rope_freqs)."""
+def add_hyperparameters(w: gguf.GGUFWriter, config, adapter: ArchAdapter) -> list[Tensor]:
+    """Architecture keys (Llama's, then the family's own); returns extra tensors the rope scaling needs
+    (rope_freqs)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)
@@ -133,6 +144,8 @@ def add_hyperparameters(w: gguf.GGUFWriter, config) -> list[Tensor]:
     w.add_rope_dimension_count(head_dim)
     rope = _rope(config)
     w.add_rope_freq_base(float(rope["rope_theta"]))
+    if adapter.gguf_keys is not None:
+        adapter.gguf_keys(w, config)
     kind = rope["rope_type"]
     if kind == "default":
         return []
@@ -225,11 +238,11 @@ class GGUFSink:
     rest encoded here), the final norm and output at the end; `outside` names the tensors outside the
     blocks, which are read when their turn comes. At most one block is held."""
 
-    def __init__(self, path: Path, config, model_dir: Path, tokenizer, state: dict[str, torch.Tensor],
-                 types: dict[str, gguf.GGMLQuantizationType], names: dict[str, str], file_type: int, read,
-                 outside: set[str]):
+    def __init__(self, path: Path, config, adapter: ArchAdapter, model_dir: Path, tokenizer,
+                 state: dict[str, torch.Tensor], types: dict[str, gguf.GGMLQuantizationType], names: dict[str, str],
+                 file_type: int, read, outside: set[str]):
         self.config, self.names, self.types, self.read, self.outside = config, names, types, read, outside
-        self.arch = arch_of(config.model_type)
+        self.adapter, self.arch = adapter, arch_of(adapter)
         self.order = list(names)  # HF names in file order
         self.ready: dict[str, torch.Tensor] = {}
         self.params = sum(state[hf].numel() for hf in names)
@@ -239,7 +252,7 @@ class GGUFSink:
         provenance = gguf.Metadata.load(model_path=model_dir, total_params=self.params)
         provenance.quantized_by = "llmquant"
         provenance.set_gguf_meta_model(w)
-        extra = add_hyperparameters(w, config)
+        extra = add_hyperparameters(w, config, adapter)
         w.add_file_type(file_type)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_tokenizer(w, model_dir, tokenizer, config.vocab_size)
@@ -268,7 +281,7 @@ class GGUFSink:
         self._drain()
 
     def _encode(self, hf: str, value: torch.Tensor) -> torch.Tensor:
-        return CODECS[self.types[self.names[hf]].name].quantize(value.float())
+        return CODECS[self.types[self.names[hf]].name].quantize(stored_value(hf, value.float(), self.adapter))
 
     def _drain(self) -> None:
         """Write every tensor whose turn has come and whose bytes exist; tensors outside the blocks are read."""
