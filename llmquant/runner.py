@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Protocol
@@ -114,6 +115,94 @@ def _write_back(linear: nn.Linear, qw: QuantizedWeight, dtype: torch.dtype) -> N
         linear.weight.copy_(qw.dequantize(dtype).to(linear.weight.device))
 
 
+EXPERT = re.compile(r"^(.*)\.(\d+)\.[^.]+$")  # mlp.experts.3.gate_proj -> (mlp.experts, 3)
+
+
+def stages(groups) -> list[list[tuple[str, ...]]]:
+    """The forward passes a block's groups are observed in: consecutive groups that differ only in an
+    expert's index (every expert's gate/up, then every down) share one pass; any other group has its own."""
+    out, keys = [], []
+    for group in groups:
+        key = tuple(EXPERT.sub(r"\1.*", n) if EXPERT.match(n) else n for n in group)
+        if out and keys[-1] == key and any(EXPERT.match(n) for n in group):
+            out[-1].append(group)
+        else:
+            out.append([group])
+            keys.append(key)
+    return out
+
+
+def _observe(block, observed, names, observer, tails, tail_inputs, inputs, batch) -> int:
+    """One pass that feeds the group's input to `observer` (with the float model's, when `observed` is the
+    reference block) and stops at the group. A tail linear's inputs are also kept for replays while the
+    budget allows; returns the bytes so taken from it."""
+    kept = [] if observed is not None else None
+    first, linear = names[0], block.get_submodule(names[0])
+    records, held = {}, 0
+    if len(names) == 1 and first in tails:
+        width = inputs.hidden.shape[0] * inputs.hidden.shape[1] * linear.in_features
+        nbytes = width * inputs.hidden.element_size() * (1 + (observed is not None))
+        if _keep(nbytes, inputs):
+            held = nbytes if inputs.budget is not None else 0
+            records = {m: tail_inputs.setdefault(m, {}).setdefault(first, []) for m in (block, observed) if m is not None}
+    hooks = [linear.register_forward_pre_hook(_observe_then_stop(observer, kept, records.get(block)))]
+    if observed is not None:
+        hooks.append(observed.get_submodule(first).register_forward_pre_hook(_keep_then_stop(kept, records.get(observed))))
+    try:
+        forward_block(block, inputs, batch, update=False, reference=observed)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return held
+
+
+def _observe_experts(block, prefix, groups, solver, targets, inputs, batch) -> dict[str, tuple]:
+    """Every expert's group observed from the tokens the router sends it, all in one pass; an expert sent
+    fewer tokens than its linears have inputs (too few for a well-conditioned Hessian, none at all
+    included) is observed again on every calibration token, in a second pass for observation only (the
+    block's propagated output keeps the real routing). Returns linear -> (observer, what it saw)."""
+    groups = [[n for n in g if prefix + n in targets] for g in groups]
+    groups = [g for g in groups if g]
+    if not solver.calibrated:
+        return {n: (None, None) for g in groups for n in g}
+
+    def one_pass(chosen, everything):
+        observers = {i: solver.observer([prefix + n for n in groups[i]], [block.get_submodule(n) for n in groups[i]])
+                     for i in chosen}
+        chosen = [i for i in chosen if observers[i] is not None]  # None: no statistics needed (AWQ over RTN)
+        tokens = dict.fromkeys(chosen, 0)
+        if not chosen:
+            return observers, tokens
+        hooks, lists = [], set()
+        for i in chosen:
+            def hook(module, args, i=i):
+                observers[i].add(args[0])
+                tokens[i] += args[0].numel() // args[0].shape[-1]
+            hooks.append(block.get_submodule(groups[i][0]).register_forward_pre_hook(hook))
+            if everything:
+                path, index = EXPERT.match(groups[i][0]).groups()
+                lists.add(block.get_submodule(path))
+                block.get_submodule(path).observe_all.add(int(index))
+        try:
+            forward_block(block, inputs, batch, update=False)
+        finally:
+            for h in hooks:
+                h.remove()
+            for experts in lists:
+                experts.observe_all.clear()
+        return observers, tokens
+
+    observers, tokens = one_pass(range(len(groups)), everything=False)
+    short = [i for i in tokens if tokens[i] < block.get_submodule(groups[i][0]).in_features]
+    routed = dict(tokens)
+    if short:
+        again, all_tokens = one_pass(short, everything=True)
+        observers.update(again)
+        tokens.update(all_tokens)
+    return {n: (observers[i], {"tokens_routed": routed[i], "tokens_observed": tokens[i], "expert_fallback": i in short}
+                if i in tokens else None) for i, g in enumerate(groups) for n in g}
+
+
 def _solve_block(block: nn.Module, prefix: str, adapter: ArchAdapter, solver: Solver, targets: set[str],
                  inputs: BlockInputs | None, batch: int | None, compute_dtype: torch.dtype) -> dict:
     """Quantize one block's target linears group by group, then (calibrated) propagate the samples."""
@@ -126,38 +215,25 @@ def _solve_block(block: nn.Module, prefix: str, adapter: ArchAdapter, solver: So
         if getattr(solver, "float_targets", False):
             observed = reference  # observers also get the float model's input of each linear
     try:
-        for group in adapter.sequential:
-            names = [n for n in group if prefix + n in targets]
-            linears = {n: block.get_submodule(n) for n in names}
-            observer = None
-            if solver.calibrated and names:  # the group's linears read one input: observe it once
-                observer = solver.observer([prefix + n for n in names], list(linears.values()))
-            if observer is not None:  # None: this solver needs no statistics for the group
-                kept = [] if observed is not None else None
-                first = names[0]
-                records = {}
-                if len(names) == 1 and first in tails:
-                    width = inputs.hidden.shape[0] * inputs.hidden.shape[1] * linears[first].in_features
-                    nbytes = width * inputs.hidden.element_size() * (1 + (observed is not None))
-                    if _keep(nbytes, inputs):
-                        held += nbytes if inputs.budget is not None else 0
-                        records = {m: tail_inputs.setdefault(m, {}).setdefault(first, [])
-                                   for m in (block, observed) if m is not None}
-                hooks = [linears[first].register_forward_pre_hook(
-                    _observe_then_stop(observer, kept, records.get(block)))]
-                if observed is not None:
-                    hooks.append(observed.get_submodule(first).register_forward_pre_hook(
-                        _keep_then_stop(kept, records.get(observed))))
-                try:
-                    forward_block(block, inputs, batch, update=False, reference=observed)
-                finally:
-                    for hook in hooks:
-                        hook.remove()
-            for n in names:
-                qw = solver.quantize(prefix + n, linears[n], observer)
-                _write_back(linears[n], qw, compute_dtype)
+        for stage in stages(adapter.sequential):
+            if len(stage) > 1:  # experts: every group observed in one pass
+                observed_by = _observe_experts(block, prefix, stage, solver, targets, inputs, batch)
+            else:
+                names = [n for n in stage[0] if prefix + n in targets]
+                observer = None
+                if solver.calibrated and names:  # the group's linears read one input: observe it once
+                    observer = solver.observer([prefix + n for n in names], [block.get_submodule(n) for n in names])
+                if observer is not None:  # None: this solver needs no statistics for the group
+                    held += _observe(block, observed, names, observer, tails, tail_inputs, inputs, batch)
+                observed_by = {n: (observer, None) for n in names}
+            for n, (observer, seen) in observed_by.items():
+                linear = block.get_submodule(n)
+                qw = solver.quantize(prefix + n, linear, observer)
+                _write_back(linear, qw, compute_dtype)
                 block_results[prefix + n] = qw.cpu()
-            solved.update(group)
+                if seen is not None:
+                    solver.report.setdefault(prefix + n, {}).update(seen)
+            solved.update(n for group in stage for n in group)
             if solver.calibrated:
                 for module in [m for m in (block, observed) if m is not None]:
                     _replay_finished(module, adapter, solved, tail_inputs.get(module, {}))

@@ -9,7 +9,7 @@ from llmquant.models import ADAPTERS, adapter_for
 from llmquant.models.adapters import OFFSET
 from llmquant.models.discover import discover
 from llmquant.models.loader import load_float_model
-from tiny import FAMILY_EXTRA, make_tiny_model, make_tokenizer, sample_text
+from tiny import FAMILY_EXTRA, MOE, make_tiny_model, make_tokenizer, sample_text
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def test_every_family_quantizes_and_loads(family, method, family_dirs, calib, tm
     config = QuantConfig(method=method, bits=4, group_size=32, sym=False, calib=str(calib), n_samples=4, seqlen=48)
     report = quantize(src, config, tmp_path / "q", progress=False)
     model, _, adapter, _ = load_float_model(src)
-    assert adapter is ADAPTERS[family]
+    assert adapter.family == family and adapter.gguf_arch == ADAPTERS[family].gguf_arch
     assert report.quantized_linears == len(adapter.blocks(model)) * len(adapter.linears())
     loaded = llmquant.load(tmp_path / "q")
     # the packed model computes exactly what the float model does with the dequantized weights
@@ -68,15 +68,21 @@ def test_every_family_writes_a_q4_k_m_gguf(family, method, calib, tmp_path):
     reader = gguf.GGUFReader(out)
     assert reader.fields["general.architecture"].contents() == ADAPTERS[family].gguf_arch
     types = {t.name: t.tensor_type for t in reader.tensors}
-    assert report.quantized_linears == 2 * len(ADAPTERS[family].linears())
-    assert {types[f"blk.{i}.ffn_down.weight"] for i in range(2)} <= {gguf.GGMLQuantizationType.Q4_K,
-                                                                     gguf.GGMLQuantizationType.Q6_K}
+    if family in MOE:  # every expert in one 3D tensor a block
+        shapes = {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}
+        experts = FAMILY_EXTRA[family].get("num_experts") or FAMILY_EXTRA[family]["num_local_experts"]
+        assert all(shapes[f"blk.{i}.ffn_{p}_exps.weight"][2] == experts for i in range(2) for p in ("gate", "up", "down"))
+        assert report.quantized_linears == 2 * len(load_float_model(src)[2].linears())
+    else:
+        assert report.quantized_linears == 2 * len(ADAPTERS[family].linears())
+        assert {types[f"blk.{i}.ffn_down.weight"] for i in range(2)} <= {gguf.GGMLQuantizationType.Q4_K,
+                                                                         gguf.GGMLQuantizationType.Q6_K}
     for t in reader.tensors:
         values = gguf.quants.dequantize(np.array(t.data), t.tensor_type)
         assert np.isfinite(values).all() and values.size == int(np.prod(t.shape)), t.name
 
 
-@pytest.mark.parametrize("family", sorted(FAMILY_EXTRA))
+@pytest.mark.parametrize("family", sorted(set(FAMILY_EXTRA) - MOE))
 def test_discovery_agrees_with_every_declared_adapter(family, family_dirs):
     """Inspecting block 0 finds each family's groups in solve order, its blocks, its replayable children and
     their tails, and every AWQ pair fed by a norm or by an elementwise product, folding as declared."""
@@ -172,3 +178,48 @@ def test_a_registered_renamed_llama_is_inspected_like_llama(tiny_model_dir, tmp_
     assert any("renamed_llama" in str(w.message) for w in caught)
     assert (tmp_path / "q/model.safetensors").read_bytes() == (tmp_path / "l/model.safetensors").read_bytes()
     assert expected.quantized_linears == 14
+
+
+@pytest.mark.parametrize("family", sorted(MOE))
+def test_unfused_experts_compute_what_transformers_fused_ones_do(family, family_dirs):
+    from transformers import AutoModelForCausalLM
+
+    fused = AutoModelForCausalLM.from_pretrained(family_dirs[family], dtype=torch.float32)
+    model, _, adapter, _ = load_float_model(family_dirs[family])
+    assert adapter.n_experts == 4 and len(adapter.linears()) == 4 + 3 * 4 + 3 * (family == "qwen2_moe")
+    ids = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, fused(ids).logits, atol=1e-5)
+
+
+def test_an_expert_no_token_is_routed_to_is_observed_on_every_token(family_dirs, calib, tmp_path, monkeypatch):
+    """Routing never picks expert 3: its linears are solved from every calibration token (observation only),
+    have finite scales, and the report says so; the others are solved from the tokens routed to them."""
+    import json
+
+    from transformers.models.mixtral import modeling_mixtral
+
+    routed = modeling_mixtral.MixtralTopKRouter.forward
+
+    def never_three(self, hidden_states):
+        logits, weights, index = routed(self, hidden_states)
+        other = index.flip(-1)  # the token's other choice
+        index = torch.where(index == 3, torch.where(other == 0, 1, 0), index)
+        return logits, weights, index
+
+    monkeypatch.setattr(modeling_mixtral.MixtralTopKRouter, "forward", never_three)
+    config = QuantConfig(method="gptq", bits=4, group_size=32, calib=str(calib), n_samples=4, seqlen=48)
+    quantize(family_dirs["mixtral"], config, tmp_path / "q", progress=False)
+    report = json.loads((tmp_path / "q/quant_report.json").read_text())["linears"]
+    tokens = 4 * 48
+    for i in range(2):
+        for leaf in ("w1", "w3", "w2"):
+            entry = report[f"model.layers.{i}.mlp.experts.3.{leaf}"]
+            assert (entry["tokens_routed"], entry["tokens_observed"], entry["expert_fallback"]) == (0, tokens, True)
+        busy = report[f"model.layers.{i}.mlp.experts.0.w1"]
+        assert busy["tokens_routed"] >= 64 and not busy["expert_fallback"]
+        assert busy["tokens_routed"] == busy["tokens_observed"]
+    loaded = llmquant.load(tmp_path / "q")  # scales are checked finite as they are read
+    expert = loaded.model.layers[0].mlp.experts[3]
+    assert all(isinstance(getattr(expert, leaf), llmquant.nn.QuantLinear) for leaf in ("w1", "w3", "w2"))
+    assert torch.isfinite(expert.w1.dequantize_weight()).all()

@@ -55,7 +55,13 @@ FAMILY_EXTRA = {
     "gemma3_text": {**GEMMA, "layer_types": ["sliding_attention", "full_attention"]},
     "olmo2": {},
     "phi3": {},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 64},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 16,
+                  "norm_topk_prob": True},  # as the real Qwen3 MoE models (and llama.cpp) have it
 }
+MOE = {"mixtral", "qwen2_moe", "qwen3_moe"}
 TIED = {"gemma2", "gemma3_text"}  # llama.cpp's Gemma has no output tensor: these families always tie it
 
 

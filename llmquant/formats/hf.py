@@ -99,23 +99,25 @@ class HFSink:
     lm_head) are read through `read` at the end, then the configs. `directory` is the atomic temporary."""
 
     def __init__(self, directory: Path, state: dict[str, torch.Tensor], linears: list[str], quantization_config: dict,
-                 config: dict, source_dir: Path, read, max_shard_size: str | int = "4GB"):
+                 config: dict, source_dir: Path, read, max_shard_size: str | int = "4GB", rename=None):
         q = quantization_config
         self.directory, self.q, self.config, self.source_dir, self.read = Path(directory), q, config, source_dir, read
+        self.rename = rename or (lambda name: name)  # module name -> the float checkpoint's name for it
         self.pack = PACKERS[q["quant_method"]]
         packed = {f"{name}.weight" for name in linears}
-        plan = {n: Planned(t.dtype, t.shape) for n, t in state.items() if n not in packed}
+        plan = {self.rename(n): Planned(t.dtype, t.shape) for n, t in state.items() if n not in packed}
         for name in linears:
             out_f, in_f = state[f"{name}.weight"].shape
             for field, shape in _expected_shapes(in_f, out_f, q["bits"], q["group_size"], q["quant_method"]).items():
-                plan[f"{name}.{field}"] = Planned(FIELD_DTYPES[field], shape)
+                plan[self.rename(f"{name}.{field}")] = Planned(FIELD_DTYPES[field], shape)
         self.writer = ShardedWriter(self.directory, plan, max_shard_size)
 
     def write_block(self, index: int, quantized: dict[str, QuantizedWeight], floats: dict[str, torch.Tensor]) -> None:
         for name, qw in quantized.items():
             for field, value in self.pack(qw).items():
-                self.writer.put(f"{name}.{field}", value)
+                self.writer.put(self.rename(f"{name}.{field}"), value)
         for name, value in floats.items():
+            name = self.rename(name)
             self.writer.put(name, value.to(self.writer.plan[name].dtype))
 
     def finish(self, report: dict | None = None) -> None:
@@ -223,14 +225,21 @@ def load_quantized(path: Path, device: str | torch.device = "cpu") -> torch.nn.M
     from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from ..models.adapters import ADAPTERS
+
     path = Path(path)
     q = read_quantization_config(path)
     method = q["quant_method"]
-    headers = tensor_headers(weight_files(path))
     config = AutoConfig.from_pretrained(path)
     del config.quantization_config
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=config.dtype or torch.float32)
+    adapter = ADAPTERS.get(config.model_type)
+    if adapter is not None:
+        adapter = adapter.prepare(model)  # MoE: one linear per expert projection, as the file names them
+    on_disk = tensor_headers(weight_files(path))
+    disk_name = {(adapter.from_disk(n) if adapter else n): n for n in on_disk}
+    headers = {name: on_disk[disk] for name, disk in disk_name.items()}
     packed = sorted({n.rsplit(".", 1)[0] for n in headers if n.endswith(".qweight")})
     for name in packed:
         try:
@@ -261,8 +270,8 @@ def load_quantized(path: Path, device: str | torch.device = "cpu") -> torch.nn.M
             raise UserError(f"{path}: '{name}' has shape {info.shape}, expected {tuple(expected[name].shape)}")
     awq_tensors: dict[str, dict[str, torch.Tensor]] = {}
     for name, info in headers.items():
-        value = _read_owned(info.file, name)
-        require_finite(value, info.file, name)
+        value = _read_owned(info.file, disk_name[name])
+        require_finite(value, info.file, disk_name[name])
         if name in repacked:
             module, _, field = name.rpartition(".")
             awq_tensors.setdefault(module, {})[field] = value

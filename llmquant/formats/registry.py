@@ -65,19 +65,21 @@ class IntegerLayout:
     def open(self, tmp: Path, checkpoint, config, plan: Plan, tokenizer, source: str):
         from .hf import HFSink, awq_config, gptq_config
 
-        spec = config.spec()
+        spec, adapter = config.spec(), checkpoint.adapter
+        skipped = [adapter.to_disk(n) for n in plan.skipped]  # the float checkpoint's names, as the file's
+        first = adapter.block_prefix(0)
+        in_block = [adapter.to_disk(first + n).removeprefix(first) for n in adapter.linears()]
         if self.name == "awq":
-            q = awq_config(spec.group_size, spec.sym, method=config.method, skipped=plan.skipped, clip=spec.clip,
+            q = awq_config(spec.group_size, spec.sym, method=config.method, skipped=skipped, clip=spec.clip,
                            source=source)
         else:
             act_order, static_groups = config.gptq_order()
             q = gptq_config(spec.bits, spec.group_size, spec.sym, desc_act=act_order and not static_groups,
-                            method=config.method, skipped=plan.skipped, clip=spec.clip, source=source,
-                            damp_percent=config.damp, static_groups=static_groups,
-                            block_linears=checkpoint.adapter.linears(),
-                            blocks=len(checkpoint.adapter.blocks(checkpoint.model)))
+                            method=config.method, skipped=skipped, clip=spec.clip, source=source,
+                            damp_percent=config.damp, static_groups=static_groups, block_linears=in_block,
+                            blocks=len(adapter.blocks(checkpoint.model)))
         return HFSink(tmp, checkpoint.state_shapes(), plan.targets, q, checkpoint.model.config.to_dict(),
-                      checkpoint.path, checkpoint.read)
+                      checkpoint.path, checkpoint.read, rename=adapter.to_disk)
 
     def figures(self, out: Path, sink) -> dict:
         from .hf import describe
@@ -115,11 +117,16 @@ class GGUFFile:
 
         cfg, shapes = checkpoint.model.config, checkpoint.state_shapes()
         arch = arch_of(checkpoint.adapter)
-        names = {hf: gguf_name(hf, arch, cfg.num_hidden_layers) for hf in shapes}
-        infos = [TensorInfo(g, tuple(shapes[hf].shape)) for hf, g in names.items()]
+        names = {hf: gguf_name(hf, arch, cfg.num_hidden_layers, checkpoint.adapter) for hf in shapes}
+        merged: dict[str, list[str]] = {}  # experts: several HF tensors, one GGUF tensor
+        for hf, g in names.items():
+            merged.setdefault(g, []).append(hf)
+        infos = [TensorInfo(g, (len(hfs), *shapes[hfs[0]].shape) if len(hfs) > 1 else tuple(shapes[hfs[0]].shape))
+                 for g, hfs in merged.items()]
         n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         types = tensor_types(infos, config.gguf_type, cfg.num_attention_heads // n_kv, checkpoint.tied,
-                             has_imatrix=config.method != "rtn", overrides=parse_overrides(config.tensor_types))
+                             has_imatrix=config.method != "rtn", overrides=parse_overrides(config.tensor_types),
+                             n_expert=checkpoint.adapter.n_experts)
         linears = [name for name, _ in _block_linears(checkpoint)]
         linear_types = {name: types[names[name + ".weight"]] for name in linears}
         grid = BlockSolver(linear_types, GGUF_MODE[config.method], config.damp, config.float_targets)

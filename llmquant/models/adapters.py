@@ -8,13 +8,15 @@ A family not registered here gets an adapter found by inspecting its first block
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from torch import nn
 
 from ..errors import UserError
+from .experts import ExpertLayout, expert_count, unfuse
 
 QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 O = ("self_attn.o_proj",)
@@ -63,9 +65,52 @@ class ArchAdapter:
     gguf_arch: str = "llama"  # llama.cpp's architecture name (gguf.MODEL_ARCH)
     gguf_keys: Callable | None = None  # (GGUFWriter, config) -> None: keys llama.cpp needs beyond Llama's
     norm_offset: float = 0.0  # norms compute x * (norm_offset + w): llama.cpp's files store the sum
+    # mixture of experts: where the fused experts sit; `expand` adds their linears and AWQ pairs
+    experts: ExpertLayout | None = None
+    # (module prefix, checkpoint prefix) within a block where the two disagree (Mixtral's block_sparse_moe)
+    renames: tuple[tuple[str, str], ...] = ()
+    n_experts: int = 0  # experts a block, once expanded for a model (0: dense)
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks_path)
+
+    def expand(self, count: int) -> ArchAdapter:
+        """This MoE family with `count` experts a block: after the template's groups, every expert's gate/up
+        (one group each), then every down; the experts' gate/up join the AWQ pair of the norm the router
+        reads, and each expert's up -> down is a pair of its own."""
+        first, second = self.experts.names(count)
+        pairs = [p._replace(readers=p.readers + tuple(n for g in first for n in g)) if self.experts.router in p.readers
+                 else p for p in self.scaling_pairs]
+        pairs += [ScalingPair(g[1], d) for g, d in zip(first, second)]
+        return replace(self, sequential=self.sequential + tuple(first) + tuple(second), scaling_pairs=tuple(pairs),
+                       n_experts=count)
+
+    def prepare(self, model: nn.Module) -> ArchAdapter:
+        """The adapter for this model; for MoE, every block's fused experts are first swapped for one linear
+        per projection (models/experts.py), and the adapter expanded to their count."""
+        if self.experts is None:
+            return self
+        blocks = self.blocks(model)
+        for index, block in enumerate(blocks):
+            try:
+                block.get_submodule(self.experts.path)
+            except AttributeError:
+                raise UserError(f"block {index} of this {self.family} model has no experts at {self.experts.path} "
+                                f"(a dense layer among sparse ones), which llmquant cannot quantize yet") from None
+            unfuse(block, self.experts)
+        return self.expand(expert_count(blocks[0], self.experts))
+
+    def to_disk(self, name: str) -> str:
+        """A full module/parameter name as the family's checkpoints spell it."""
+        return self._rename(name, self.renames)
+
+    def from_disk(self, name: str) -> str:
+        return self._rename(name, tuple((disk, module) for module, disk in self.renames))
+
+    def _rename(self, name: str, renames) -> str:
+        for old, new in renames:
+            name = re.sub(rf"^({re.escape(self.blocks_path)}\.\d+\.){re.escape(old)}", lambda m: m.group(1) + new, name)
+        return name
 
     def block_prefix(self, index: int) -> str:
         return f"{self.blocks_path}.{index}."
@@ -104,6 +149,19 @@ def _phi3_keys(w, config) -> None:
     w.add_sliding_window(getattr(config, "sliding_window", None) or 0)  # 0: llama.cpp's "no window"
 
 
+def _top_k_normalised(expected: bool):
+    """llama.cpp fixes per architecture whether the chosen experts' weights are renormalised: a checkpoint
+    that differs would run differently there, so it is refused rather than written."""
+
+    def keys(w, config) -> None:
+        if bool(getattr(config, "norm_topk_prob", False)) != expected:
+            raise UserError(f"llama.cpp's {config.model_type} always {'renormalises' if expected else 'keeps'} the "
+                            f"chosen experts' weights, and this checkpoint has norm_topk_prob="
+                            f"{getattr(config, 'norm_topk_prob', None)}: its GGUF would compute something else")
+
+    return keys
+
+
 def _granite_keys(w, config) -> None:
     w.add_attention_scale(config.attention_multiplier)
     w.add_embedding_scale(config.embedding_multiplier)
@@ -134,14 +192,33 @@ ADAPTERS: dict[str, ArchAdapter] = {
         scaling_pairs=_pairs(("input_layernorm", ("self_attn.qkv_proj",)), ("self_attn.qkv_proj", O, LAST_OF_3),
                              ("post_attention_layernorm", ("mlp.gate_up_proj",)), ("mlp.gate_up_proj", DOWN, LAST_OF_2)),
         gguf_arch="phi3", gguf_keys=_phi3_keys),
+    # mixtures of experts: the router stays in float; one AWQ scale over everything that reads the
+    # post-attention norm (router, shared expert, every expert), one per expert for up -> down
+    "mixtral": ArchAdapter(
+        "mixtral", sequential=(QKV, O), tails={"self_attn": ("o_proj", True)},
+        scaling_pairs=_pairs(("input_layernorm", QKV), ("self_attn.v_proj", O), ("post_attention_layernorm", ("mlp.gate",))),
+        gguf_arch="llama", experts=ExpertLayout(leaves=("w1", "w3", "w2")), renames=(("mlp.", "block_sparse_moe."),)),
+    "qwen2_moe": ArchAdapter(
+        "qwen2_moe", sequential=(QKV, O, ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
+                                 ("mlp.shared_expert.down_proj",)), tails={"self_attn": ("o_proj", True)},
+        scaling_pairs=_pairs(("input_layernorm", QKV), ("self_attn.v_proj", O),
+                             ("post_attention_layernorm", ("mlp.gate", "mlp.shared_expert.gate_proj",
+                                                           "mlp.shared_expert.up_proj", "mlp.shared_expert_gate")),
+                             ("mlp.shared_expert.up_proj", ("mlp.shared_expert.down_proj",))),
+        gguf_arch="qwen2moe", gguf_keys=_top_k_normalised(False), experts=ExpertLayout()),
+    "qwen3_moe": ArchAdapter(
+        "qwen3_moe", sequential=(QKV, O), tails={"self_attn": ("o_proj", True)},
+        scaling_pairs=_pairs(("input_layernorm", QKV), ("self_attn.v_proj", O), ("post_attention_layernorm", ("mlp.gate",))),
+        gguf_arch="qwen3moe", gguf_keys=_top_k_normalised(True), experts=ExpertLayout()),
 }
 
 
 def adapter_for(model_type: str, model: nn.Module | None = None) -> ArchAdapter:
     """The registered adapter of a family; for an unknown one, the adapter found by inspecting `model`'s first
-    block (with a warning naming what was found), or one line naming the supported families without it."""
+    block (with a warning naming what was found), or one line naming the supported families without it.
+    With `model`, the model is prepared for quantizing and loading (ArchAdapter.prepare: MoE experts unfused)."""
     if model_type in ADAPTERS:
-        return ADAPTERS[model_type]
+        return ADAPTERS[model_type] if model is None else ADAPTERS[model_type].prepare(model)
     if model is not None:
         from .discover import discover
 

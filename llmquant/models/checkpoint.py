@@ -121,7 +121,8 @@ class Checkpoint:
         return stored[0] if stored else torch.float32
 
     def _check_shapes(self) -> None:
-        for name, tensor in self.state_shapes().items():
+        for module_name, tensor in self.state_shapes().items():
+            name = self.adapter.to_disk(module_name)
             if name not in self.headers:
                 raise UserError(f"{self.path}: checkpoint lacks tensor '{name}'")
             shape, dtype = self.headers[name]
@@ -147,7 +148,9 @@ class Checkpoint:
         return "lm_head.weight" in self.model.state_dict() and "lm_head.weight" not in self.state_shapes()
 
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """One tensor from its shard, in the model's dtype (or `dtype`); checked to be finite."""
+        """One tensor (by its name in the model, or on disk) from its shard, in the model's dtype (or
+        `dtype`); checked to be finite."""
+        name = self.adapter.to_disk(name)
         shard = self.index[name]
         with safe_open(shard, "pt") as f:  # closed at once: a mapping kept open would keep its pages resident
             tensor = f.get_tensor(name).to(self.dtype)

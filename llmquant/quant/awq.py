@@ -302,7 +302,7 @@ class AWQSolver:
         stats, hooks = {}, []
         for previous, names, _ in self.pairs:
             reader = block.get_submodule(names[0])
-            stats[previous] = InputStats(reader.in_features, reader.weight.device, stride)
+            stats[previous] = InputStats(reader.weight.shape[1], reader.weight.device, stride)  # a router, too
             hooks.append(reader.register_forward_pre_hook(lambda m, args, st=stats[previous]: st.add(args[0])))
         try:
             forward_block(block, inputs, batch, update=False)
@@ -318,7 +318,7 @@ class AWQSolver:
             st = stats[previous]
             gram = st.gram
             entry = {"awq_pair": previous, "awq_tokens": st.tokens, "awq_judge": self.judge}
-            if can_fold(block.get_submodule(previous), gram.shape[0], fold):
+            if st.tokens and can_fold(block.get_submodule(previous), gram.shape[0], fold):
                 weight = torch.cat([block.get_submodule(n).weight for n in quantized])
                 best = search_scale(weight, gram, st.mean_abs, self.spec, self.n_grid, self.duo_scaling,
                                     self._error(block, quantized, block_judge), self.patience)
@@ -326,7 +326,7 @@ class AWQSolver:
                 chosen[previous] = (best["scales"], gram)
                 entry.update(awq_scaled=True, awq_alpha=best["alpha"], awq_error=best["error"],
                              awq_error_identity=best["error_identity"])
-            else:  # e.g. v_proj -> o_proj under grouped-query attention
+            else:  # e.g. v_proj -> o_proj under grouped-query attention, or an expert no token was routed to
                 chosen[previous] = (torch.ones(gram.shape[0], device=gram.device), gram)
                 entry["awq_scaled"] = False
             self._search.update({prefix + n: dict(entry) for n in quantized})

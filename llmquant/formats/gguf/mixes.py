@@ -91,8 +91,10 @@ def _category(name: str) -> str:
 
 
 def tensor_types(tensors: list[TensorInfo], mix: str, n_gqa: int, tied: bool, has_imatrix: bool = False,
-                 overrides: list[tuple[re.Pattern, T]] = ()) -> dict[str, T]:
-    """The block type of every tensor in `tensors` (file order) under `mix`."""
+                 overrides: list[tuple[re.Pattern, T]] = (), n_expert: int = 0) -> dict[str, T]:
+    """The block type of every tensor in `tensors` (file order) under `mix`. With experts, a tensor's layer
+    is read from its name (a block holds more than one ffn_down), and 8-expert models (Mixtral) keep
+    attention at more bits, as llama-quantize does."""
     if mix not in MIXES:
         raise UserError(f"unknown GGUF type '{mix}'; choose one of {', '.join(MIXES)}")
     default = MIXES[mix][1]
@@ -115,12 +117,18 @@ def tensor_types(tensors: list[TensorInfo], mix: str, n_gqa: int, tied: bool, ha
             new = T.Q8_0 if t.shape[-1] % block_size(default) or default == T.Q8_0 else T.Q6_K
         elif cat == "token_embd":
             pass
+        elif cat in ("attn_v", "attn_k") and n_expert == 8:
+            new = T.Q8_0
+            i_v += cat == "attn_v"
         elif cat in ("attn_v", "attn_qkv"):
             new = _attn_v(mix, default, n_gqa, i_v, n_v, cat == "attn_qkv")
             i_v += 1
         elif cat == "ffn_down":
-            new = _ffn_down(mix, default, i_down, n_down, has_imatrix)
+            layer, layers = (int(t.name.split(".")[1]), n_v) if n_expert > 1 else (i_down, n_down)
+            new = _ffn_down(mix, default, layer, layers, has_imatrix)
             i_down += 1
+        elif cat == "attn_output" and n_expert == 8 and mix in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M"):
+            new = T.Q5_K
         elif cat == "attn_output":
             new = {"Q2_K": T.Q3_K, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K}.get(mix, default)
         out[t.name] = new if new in FLOAT else _fallback(new, t.shape[-1])

@@ -7,6 +7,7 @@ same metadata llama.cpp does.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ from ...numerics.ggml import CODECS
 from .validate import GGUFSummary, check_gguf
 from ...models.adapters import adapter_for
 from .writer import PERMUTED, arch_of, gguf_name, heads_of, unpermute_rows
+
+EXPERT = re.compile(r"\.experts\.(\d+)\.")
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -82,18 +85,24 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
         config.head_dim = head_dim
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    adapter = adapter.prepare(model)  # MoE: one linear per expert, each a slice of the file's 3D tensor
     by_name = {t.name: t for t in summary.tensors}
     mm = np.memmap(path, dtype=np.uint8, mode="r")
-    state = {}
+    state, decoded = {}, {}
     for hf, meta in model.state_dict().items():
         if hf == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
             continue
         if hf.endswith("rotary_emb.inv_freq"):
             continue
-        name = gguf_name(hf, arch, config.num_hidden_layers)
+        name = gguf_name(hf, arch, config.num_hidden_layers, adapter)
         if name not in by_name:
             raise UserError(f"{path}: tensor {name} (for {hf}) is missing")
-        values = _tensor(mm, summary, by_name[name])
+        if name not in decoded:
+            decoded = {name: _tensor(mm, summary, by_name[name])}  # experts: decoded once for all of them
+        values = decoded[name]
+        expert = EXPERT.search(adapter.to_disk(hf)) if adapter.n_experts else None
+        if expert is not None:
+            values = values[int(expert.group(1))]
         require_finite(values, path, name)
         heads = heads_of(hf, config)
         if heads is not None and arch in PERMUTED:

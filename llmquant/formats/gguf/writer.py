@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,8 +63,16 @@ def _name_map(arch: gguf.MODEL_ARCH, n_blocks: int) -> gguf.TensorNameMap:
     return gguf.get_tensor_name_map(arch, n_blocks)  # builds thousands of patterns: once per model
 
 
-def gguf_name(hf_name: str, arch: gguf.MODEL_ARCH, n_blocks: int) -> str:
-    """'model.layers.3.self_attn.v_proj.weight' -> 'blk.3.attn_v.weight'."""
+EXPERT_INDEX = re.compile(r"\.experts\.\d+\.")
+
+
+def gguf_name(hf_name: str, arch: gguf.MODEL_ARCH, n_blocks: int, adapter: ArchAdapter | None = None) -> str:
+    """'model.layers.3.self_attn.v_proj.weight' -> 'blk.3.attn_v.weight'. Every expert's projection maps to
+    the one 3D tensor llama.cpp keeps all experts of a block in ('blk.3.ffn_gate_exps.weight')."""
+    if adapter is not None:
+        hf_name = adapter.to_disk(hf_name)
+        if adapter.experts is not None:
+            hf_name = EXPERT_INDEX.sub(".experts.", hf_name)
     base, _, suffix = hf_name.rpartition(".")
     mapped = _name_map(arch, n_blocks).get_name(base)
     if mapped is None:
@@ -144,6 +153,13 @@ def add_hyperparameters(w: gguf.GGUFWriter, config, adapter: ArchAdapter) -> lis
     w.add_rope_dimension_count(head_dim)
     rope = _rope(config)
     w.add_rope_freq_base(float(rope["rope_theta"]))
+    if adapter.n_experts:
+        w.add_expert_count(adapter.n_experts)
+        w.add_expert_used_count(config.num_experts_per_tok)
+        if getattr(config, "moe_intermediate_size", None):
+            w.add_expert_feed_forward_length(config.moe_intermediate_size)
+        if getattr(config, "shared_expert_intermediate_size", None):
+            w.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
     if adapter.gguf_keys is not None:
         adapter.gguf_keys(w, config)
     kind = rope["rope_type"]
@@ -243,7 +259,10 @@ class GGUFSink:
                  file_type: int, read, outside: set[str]):
         self.config, self.names, self.types, self.read, self.outside = config, names, types, read, outside
         self.adapter, self.arch = adapter, arch_of(adapter)
-        self.order = list(names)  # HF names in file order
+        self.parts: dict[str, list[str]] = {}  # GGUF name -> its HF tensors (several: the experts, in order)
+        for hf, g in names.items():
+            self.parts.setdefault(g, []).append(hf)
+        self.order = list(self.parts)  # GGUF names in file order
         self.ready: dict[str, torch.Tensor] = {}
         self.params = sum(state[hf].numel() for hf in names)
         self.weight_bytes = 0
@@ -259,10 +278,11 @@ class GGUFSink:
         for t in extra:
             w.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, raw_dtype=t.type)
         total = 0
-        for hf in self.order:
-            kind, shape = types[names[hf]], tuple(state[hf].shape)
+        for g, parts in self.parts.items():
+            kind, shape = types[g], tuple(state[parts[0]].shape)
             row = gguf.quant_shape_to_byte_shape(shape, kind) if len(shape) > 1 else (shape[0] * _type_bytes(kind),)
-            w.add_tensor_info(names[hf], row, np.dtype(np.uint8), math.prod(row), raw_dtype=kind)
+            row = (len(parts), *row) if len(parts) > 1 else row  # experts: one [E, rows, row bytes] tensor
+            w.add_tensor_info(g, row, np.dtype(np.uint8), math.prod(row), raw_dtype=kind)
             total += math.prod(row)
         free = shutil.disk_usage(Path(path).parent).free
         if free < total:  # fail before the work, not when the disk fills
@@ -286,17 +306,17 @@ class GGUFSink:
     def _drain(self) -> None:
         """Write every tensor whose turn has come and whose bytes exist; tensors outside the blocks are read."""
         while self.order:
-            hf = self.order[0]
-            if hf in self.ready:
-                data = self.ready.pop(hf)
-            elif hf in self.outside:
-                data = self._encode(hf, self.read(hf))
-            else:
+            parts = self.parts[self.order[0]]
+            if not all(hf in self.ready or hf in self.outside for hf in parts):
                 return
-            heads = heads_of(hf, self.config)
-            if heads is not None and self.arch in PERMUTED:
-                data = permute_rows(data, heads)
-            array = data.contiguous().numpy()
+            pieces = []
+            for hf in parts:
+                data = self.ready.pop(hf) if hf in self.ready else self._encode(hf, self.read(hf))
+                heads = heads_of(hf, self.config)
+                if heads is not None and self.arch in PERMUTED:
+                    data = permute_rows(data, heads)
+                pieces.append(data.contiguous())
+            array = (pieces[0] if len(pieces) == 1 else torch.stack(pieces)).numpy()
             self.writer.write_tensor_data(array)
             self.weight_bytes += array.nbytes
             self.order.pop(0)
@@ -304,7 +324,7 @@ class GGUFSink:
     def finish(self, report: dict | None = None) -> None:
         self._drain()
         if self.order:
-            raise ValueError(f"GGUF tensor '{self.names[self.order[0]]}' was never written")
+            raise ValueError(f"GGUF tensor '{self.order[0]}' was never written")
         self.writer.close()
 
     def abort(self) -> None:
