@@ -45,6 +45,10 @@ def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: boo
     if config.method.startswith("awq") and not adapter.scaling_pairs:
         raise UserError(f"--method {config.method} needs AWQ scaling pairs (previous op -> linears), and the "
                         f"{adapter.family} adapter defines none; use --method rtn or gptq")
+    if adapter.n_experts and (config.float_targets or config.tune_iters):
+        raise UserError("--float-targets and --tune-iters fit each linear to the float model's inputs, and routing "
+                        "sends an expert other tokens in the float model than in the quantized one: not supported "
+                        f"for mixture-of-experts families ({adapter.family}) yet")
     plan = fmt.plan(checkpoint, config)
     solver = make_solver(config, config.spec(), adapter.scaling_pairs, set(plan.targets), inner=plan.grid)
     check_float_share(plan, config)

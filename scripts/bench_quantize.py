@@ -5,13 +5,15 @@
         --calib ../shared/data/wikitext2/valid.tokens.txt --n-samples 128 --seqlen 512
 
 Everything after `--` goes to `llmquant quantize`. Prints min/median/max wall seconds and peak RSS, and with
-`--device cuda` the peak GPU memory the run reports.
+`--device cuda` the peak GPU memory the run reports; for a local checkpoint also its parameter count and the
+median seconds per billion parameters (to compare a mixture of experts with a dense model of the same size).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -35,6 +37,24 @@ def run_once(model: str, flags: list[str], threads: int | None) -> tuple[float, 
         return wall, rss / 2**20, gpu / 2**20 if gpu is not None else None
 
 
+def parameter_count(model: str) -> int | None:
+    """Parameters stored in a local checkpoint's safetensors files (from the headers alone)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    files = sorted(Path(model).glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with safe_open(f, "pt") as handle:
+            for name in handle.keys():
+                shape = handle.get_slice(name).get_shape()
+                total += math.prod(shape)
+    return total
+
+
 def main() -> None:
     argv = sys.argv[1:]
     flags = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -48,6 +68,9 @@ def main() -> None:
     result = {"command": ["llmquant", "quantize", args.model, *flags], "runs": args.repeat,
               "wall_s": {"min": min(walls), "median": statistics.median(walls), "max": max(walls)},
               "peak_rss_mib": max(rss), **({"peak_gpu_mib": max(gpu)} if gpu else {})}
+    params = parameter_count(args.model)
+    if params:
+        result.update(params=params, wall_s_per_billion_params=statistics.median(walls) / params * 1e9)
     print(json.dumps(result, indent=2))
 
 

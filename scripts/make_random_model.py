@@ -11,7 +11,11 @@ about 0.6 GB of RAM (peak RSS), the 13B one included. The same seed gives the sa
     python scripts/make_random_model.py /tmp/rand-8b --shape 8b                # Llama-3-8B's blocks, 7.0B params
     python scripts/make_random_model.py /tmp/rand-13b --shape 13b              # 13.2B params, 26 GB, ~3 min
 
-`--shape tiny` writes a 2-layer model in a few seconds, to try the script or a pipeline out.
+`--shape tiny` writes a 2-layer model in a few seconds, to try the script or a pipeline out. `--experts N`
+writes the shape as a Mixtral-style mixture of N experts (top 2) of the same total size: each expert's MLP is
+1/N of the dense one, so dense and MoE benchmarks compare time per parameter.
+
+    python scripts/make_random_model.py /tmp/rand-1b-moe --shape 1b --experts 8
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
     parser.add_argument("--shard-size", default="2GB", help="largest shard, e.g. 2GB, 500MB, 1GiB (default 2GB)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--experts", type=int, default=0,
+                        help="a Mixtral-style MoE of this many experts of the same total size (default: dense)")
     parser.add_argument("--tie", action="store_true", help="tie lm_head to the embedding (no lm_head.weight)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--tokenizer", type=Path,
@@ -67,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"{args.out} exists; pass --force to replace it")
     if args.layers is not None and args.layers < 1:
         parser.error("--layers must be at least 1")
+    if args.experts == 1 or args.experts < 0 or (args.experts and SHAPES[args.shape]["intermediate_size"] % args.experts):
+        parser.error(f"--experts must be 0 or at least 2, and divide the shape's intermediate size")
     return args
 
 
@@ -82,30 +90,40 @@ def demo_tokenizer(path: Path | None = None):
 
 
 def build_config(args: argparse.Namespace, tokenizer):
-    """The LlamaConfig of the requested shape, with the demo tokenizer's special token ids."""
-    from transformers import LlamaConfig
+    """The LlamaConfig (MixtralConfig with --experts) of the requested shape, with the demo tokenizer's special
+    token ids."""
+    from transformers import LlamaConfig, MixtralConfig
 
     if len(tokenizer) > VOCAB_SIZE:
         raise SystemExit(f"the demo tokenizer has {len(tokenizer)} tokens, more than the vocab {VOCAB_SIZE}")
     shape = dict(SHAPES[args.shape])
     if args.layers is not None:
         shape["num_hidden_layers"] = args.layers
-    return LlamaConfig(**shape, vocab_size=VOCAB_SIZE, max_position_embeddings=2048, rms_norm_eps=1e-5,
-                       tie_word_embeddings=args.tie, dtype=DTYPES[args.dtype][0],
-                       architectures=["LlamaForCausalLM"], bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    common = dict(vocab_size=VOCAB_SIZE, max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=args.tie,
+                  dtype=DTYPES[args.dtype][0], bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if args.experts:
+        shape["intermediate_size"] //= args.experts
+        return MixtralConfig(**shape, **common, num_local_experts=args.experts, num_experts_per_tok=2,
+                             architectures=["MixtralForCausalLM"])
+    return LlamaConfig(**shape, **common, architectures=["LlamaForCausalLM"])
 
 
 def tensor_plan(config) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape [out, in]) of every stored tensor, in file order, as LlamaForCausalLM names them."""
+    """(name, shape [out, in]) of every stored tensor, in file order, as the checkpoints of LlamaForCausalLM
+    (or Mixtral's, expert by expert) name them."""
     hidden, inter = config.hidden_size, config.intermediate_size
     head_dim = hidden // config.num_attention_heads
     kv = config.num_key_value_heads * head_dim
+    mlp = [("mlp.gate_proj", (inter, hidden)), ("mlp.up_proj", (inter, hidden)), ("mlp.down_proj", (hidden, inter))]
+    experts = getattr(config, "num_local_experts", 0)
+    if experts:
+        mlp = [("block_sparse_moe.gate", (experts, hidden))] + [
+            (f"block_sparse_moe.experts.{e}.{leaf}", shape) for e in range(experts)
+            for leaf, shape in (("w1", (inter, hidden)), ("w3", (inter, hidden)), ("w2", (hidden, inter)))]
     layer = [("self_attn.q_proj", (hidden, hidden)), ("self_attn.k_proj", (kv, hidden)),
-             ("self_attn.v_proj", (kv, hidden)), ("self_attn.o_proj", (hidden, hidden)),
-             ("mlp.gate_proj", (inter, hidden)), ("mlp.up_proj", (inter, hidden)),
-             ("mlp.down_proj", (hidden, inter)), ("input_layernorm", (hidden,)),
-             ("post_attention_layernorm", (hidden,))]
+             ("self_attn.v_proj", (kv, hidden)), ("self_attn.o_proj", (hidden, hidden)), *mlp,
+             ("input_layernorm", (hidden,)), ("post_attention_layernorm", (hidden,))]
     plan = [("model.embed_tokens.weight", (config.vocab_size, hidden))]
     for i in range(config.num_hidden_layers):
         plan += [(f"model.layers.{i}.{name}.weight", shape) for name, shape in layer]
@@ -118,16 +136,19 @@ def tensor_plan(config) -> list[tuple[str, tuple[int, ...]]]:
 def check_against_transformers(config, plan: list[tuple[str, tuple[int, ...]]]) -> None:
     """Fail before writing anything if transformers would name or shape a tensor differently (costs no memory:
     the model is built on the meta device)."""
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from llmquant.models.adapters import adapter_for
 
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        model = AutoModelForCausalLM.from_config(config)
+    adapter = adapter_for(config.model_type, model)  # MoE: the experts as their checkpoints name them
+    expected = {adapter.to_disk(name): tuple(t.shape) for name, t in model.state_dict().items()}
     if config.tie_word_embeddings:
         del expected["lm_head.weight"]  # the same tensor as the embedding: not stored
     if expected != dict(plan):
         diff = sorted(set(expected.items()) ^ set(plan))
-        raise SystemExit(f"tensor names/shapes disagree with transformers' LlamaForCausalLM: {diff[:6]}")
+        raise SystemExit(f"tensor names/shapes disagree with transformers' {type(model).__name__}: {diff[:6]}")
 
 
 def plan_shards(plan, itemsize: int, limit: int) -> list[list[tuple[str, tuple[int, ...]]]]:
@@ -242,7 +263,8 @@ def main(argv: list[str] | None = None) -> None:
         raise
     params = sum(math.prod(shape) for _, shape in plan)
     on_disk = sum(p.stat().st_size for p in args.out.glob("*.safetensors"))
-    print(f"{args.out}: {params / 1e9:.3f}B params ({args.shape}, {config.num_hidden_layers} layers, "
+    print(f"{args.out}: {params / 1e9:.3f}B params ({args.shape}{f' x{args.experts} experts' * bool(args.experts)}, "
+          f"{config.num_hidden_layers} layers, "
           f"{args.dtype}), {on_disk / 1e9:.2f} GB in {len(shards)} shards, {time.perf_counter() - start:.1f}s")
 
 

@@ -37,7 +37,7 @@ class _Products(TorchFunctionMode):
         return out
 
 
-def find_blocks(model: nn.Module) -> str:
+def find_blocks(model: nn.Module, family: str) -> str:
     """The path of the decoder blocks: the ModuleList of identical modules holding the most parameters."""
     best, size = None, 0
     for name, module in model.named_modules():
@@ -46,8 +46,10 @@ def find_blocks(model: nn.Module) -> str:
             if n > size and any(isinstance(m, nn.Linear) for m in module[0].modules()):
                 best, size = name, n
     if best is None:
-        raise UserError(f"cannot find the decoder blocks of this {type(model).__name__}: no list of identical "
-                        f"modules holds linears")
+        from .adapters import ADAPTERS
+
+        raise UserError(f"unsupported architecture '{family}': its {type(model).__name__} has no list of identical "
+                        f"blocks holding linears to inspect; declared families: {', '.join(sorted(ADAPTERS))}")
     return best
 
 
@@ -119,10 +121,9 @@ def _fold_of(norm: nn.Module, width: int) -> str | None:
 
 def discover(model: nn.Module, family: str, warn: bool = True) -> ArchAdapter:
     """The adapter of a Llama-like block, found by inspecting block 0 of `model` (any device, meta included);
-    a linear it cannot place is one line naming it."""
-    path = find_blocks(model)
+    a weight it cannot place is one line naming it."""
+    path = find_blocks(model, family)
     blocks = model.get_submodule(path)
-    width = model.config.hidden_size
     block = blocks[0]
     linears = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
     placed = {f"{n}.weight" for n in linears}
@@ -130,31 +131,51 @@ def discover(model: nn.Module, family: str, warn: bool = True) -> ArchAdapter:
         if param.dim() >= 2 and name not in placed:
             raise UserError(f"cannot place '{path}.0.{name}' of family '{family}': a weight outside any linear "
                             f"(fused experts?); it needs a declared adapter")
+    trace = _trace(model, blocks, family)
+    ran = [n for n, _ in trace.calls]
+    for name in linears:
+        if ran.count(name) != 1:
+            how = "never ran" if name not in ran else "ran more than once"
+            raise UserError(f"cannot place '{path}.0.{name}' of family '{family}': it {how} in a forward pass of "
+                            f"the block")
+    groups = _groups(trace)
+    tails = _tails(block, trace)
+    adapter = ArchAdapter(family, sequential=tuple(tuple(names) for _, names in groups),
+                          scaling_pairs=_scaling_pairs(block, trace, groups, linears), replayable=tuple(tails),
+                          tails=tails, blocks_path=path, gguf_arch="")
+    if warn:
+        warnings.warn(describe(adapter), stacklevel=2)
+    return adapter
+
+
+def _trace(model: nn.Module, blocks: nn.ModuleList, family: str) -> _Trace:
+    width = model.config.hidden_size
     try:
         kwargs = _block_kwargs(model, blocks, width)
+        block = blocks[0]
         if any(not p.is_meta for p in block.parameters()):  # a model in memory: trace a weightless copy
             block = copy.deepcopy(block).to("meta")
-        trace = _Trace(block, kwargs, width)
-    except UserError:
-        raise
+        return _Trace(block, kwargs, width)
     except Exception as err:  # a block that cannot run on meta tensors cannot be inspected
         raise UserError(f"cannot inspect block 0 of family '{family}' to quantize it ({type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''}); it needs a declared adapter") from None
-    ran = [n for n, _ in trace.calls]
-    for name in linears:
-        if name not in ran:
-            raise UserError(f"cannot place '{path}.0.{name}' of family '{family}': it never ran in a forward pass "
-                            f"of the block")
+
+
+def _groups(trace: _Trace) -> list[tuple[torch.Tensor, list[str]]]:
+    """Linears that read the very same tensor, in the order they first run."""
     groups: list[tuple[torch.Tensor, list[str]]] = []
     for name, x in trace.calls:
-        if ran.count(name) > 1:
-            raise UserError(f"cannot place '{path}.0.{name}' of family '{family}': it runs more than once per "
-                            f"forward pass")
         group = next((g for g in groups if g[0] is x), None)
         if group is None:
             groups.append((x, [name]))
         else:
             group[1].append(name)
+    return groups
+
+
+def _scaling_pairs(block, trace: _Trace, groups, linears: list[str]) -> tuple[ScalingPair, ...]:
+    """A group fed by a norm folds into that norm (as the norm applies its weight); one fed by an elementwise
+    product with a linear's output (a gated MLP's up) folds into that linear's rows."""
     pairs = []
     for x, names in groups:
         source = trace.producer(x)
@@ -168,8 +189,14 @@ def discover(model: nn.Module, family: str, warn: bool = True) -> ArchAdapter:
                 linear = next((f for f in feeding if f in linears), None)
                 if linear is not None:
                     pairs.append(ScalingPair(linear, tuple(names)))
+    return tuple(pairs)
+
+
+def _tails(block, trace: _Trace) -> dict[str, tuple[str, bool]]:
+    """Children whose output is their last linear's output (attention returns it with the weights)."""
+    ran = [n for n, _ in trace.calls]
     tails = {}
-    for child, module in block.named_children():
+    for child, _ in block.named_children():
         inside = [n for n in ran if n.startswith(child + ".")]
         out = trace.outputs.get(child)
         if not inside or out is None:
@@ -177,11 +204,7 @@ def discover(model: nn.Module, family: str, warn: bool = True) -> ArchAdapter:
         first = out[0] if isinstance(out, tuple) else out
         if first is trace.outputs.get(inside[-1]):
             tails[child] = (inside[-1].removeprefix(child + "."), isinstance(out, tuple))
-    adapter = ArchAdapter(family, sequential=tuple(tuple(names) for _, names in groups), scaling_pairs=tuple(pairs),
-                          replayable=tuple(tails), tails=tails, blocks_path=path, gguf_arch="")
-    if warn:
-        warnings.warn(describe(adapter), stacklevel=2)
-    return adapter
+    return tails
 
 
 def describe(adapter: ArchAdapter) -> str:
