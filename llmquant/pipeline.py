@@ -50,7 +50,8 @@ def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: boo
                         "sends an expert other tokens in the float model than in the quantized one: not supported "
                         f"for mixture-of-experts families ({adapter.family}) yet")
     plan = fmt.plan(checkpoint, config)
-    solver = make_solver(config, config.spec(), adapter.scaling_pairs, set(plan.targets), inner=plan.grid)
+    pairs = adapter.pairs_at if adapter.dense_blocks else adapter.scaling_pairs
+    solver = make_solver(config, config.spec(), pairs, set(plan.targets), inner=plan.grid)
     check_float_share(plan, config)
     budget = memory_budget(config, checkpoint, solver.calibrated)
     tokenizer = checkpoint.tokenizer()
@@ -102,9 +103,9 @@ def check_float_share(plan, config: QuantConfig) -> None:
 def memory_budget(config: QuantConfig, checkpoint: Checkpoint, calibrated: bool) -> Budget:
     """The run's host-memory budget; refuses one too small for a single block before any work."""
     adapter, model = checkpoint.adapter, checkpoint.model
-    block = adapter.blocks(model)[0]
-    params = sum(p.numel() for p in block.parameters())
-    widest = max((m.in_features for m in block.modules() if isinstance(m, torch.nn.Linear)), default=0)
+    blocks = adapter.blocks(model)
+    params = max(sum(p.numel() for p in block.parameters()) for block in blocks)  # the largest (dense ones first)
+    widest = max((m.in_features for m in blocks.modules() if isinstance(m, torch.nn.Linear)), default=0)
     # the Hessian, its act-order permutation, the damped copy and its Cholesky factor: float32, at once
     solver_bytes = 4 * widest * widest * 4 if calibrated else 0
     limit = parse_size(config.max_memory) if config.max_memory else default_budget()

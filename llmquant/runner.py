@@ -370,8 +370,8 @@ def _quantize_block(block: nn.Module, index: int, run: _Run) -> None:
     with solving():
         if hasattr(run.solver, "prepare_block"):  # e.g. AWQ: search and fold scales before anything is rounded
             run.solver.prepare_block(block, prefix, run.inputs, run.batch)
-        results = _solve_block(block, prefix, run.adapter, run.solver, run.targets, run.inputs, run.batch,
-                               run.compute_dtype)
+        results = _solve_block(block, prefix, run.adapter.for_block(index), run.solver, run.targets, run.inputs,
+                               run.batch, run.compute_dtype)
     floats = {prefix + n: p.detach().to(device="cpu", dtype=run.model_dtype) for n, p in block.named_parameters()
               if not (n.endswith(".weight") and prefix + n.removesuffix(".weight") in results)}
     if run.checkpoint is None:  # the model in memory goes on in its own dtype

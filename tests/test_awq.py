@@ -47,16 +47,18 @@ def test_folding_leaves_the_float_model_unchanged(family, tmp_path):
         model, _, adapter, _ = load_float_model(make_tiny_model(tmp_path / str(kv_heads), family, kv_heads=kv_heads))
         ids = torch.randint(0, 300, (2, 16))
         before = logits(model, ids)
-        folded = []
-        for block in adapter.blocks(model):
-            for previous, names, fold in adapter.scaling_pairs:
+        folded, expected = [], 0
+        for index, block in enumerate(adapter.blocks(model)):
+            pairs = adapter.for_block(index).scaling_pairs  # DeepSeek: dense blocks first
+            for previous, names, fold in pairs:
                 channels = block.get_submodule(names[0]).weight.shape[1]  # a router, too
                 if can_fold(block.get_submodule(previous), channels, fold):
                     fold_scales(block, previous, list(names), torch.rand(channels) * 8 + 0.05, fold)
                     folded.append(previous)
-        grouped = [p for p in adapter.scaling_pairs if p.readers == ("self_attn.o_proj",)] if kv_heads == 2 else []
-        assert len(grouped) == (kv_heads == 2)
-        assert len(folded) == len(adapter.blocks(model)) * (len(adapter.scaling_pairs) - len(grouped))
+            grouped = [p for p in pairs if p.readers == ("self_attn.o_proj",)]  # v -> o, not under GQA
+            assert len(grouped) == (family != "deepseek_v3")  # its values are interleaved with keys
+            expected += len(pairs) - len(grouped) * (kv_heads == 2)
+        assert len(folded) == expected
         assert torch.allclose(logits(model, ids), before, atol=2e-5, rtol=1e-5)
 
 
@@ -68,13 +70,15 @@ def test_searched_scales_fold_without_changing_the_model(family, judge, tmp_path
     ids = torch.randint(0, 300, (2, 16))
     before = logits(model, ids)
     spec = QuantSpec(3, 32, False, min_zero=1)
-    solver = AWQSolver(RTNSolver(spec), spec, adapter.scaling_pairs, clip=False, judge=judge, judge_tokens=64)
+    solver = AWQSolver(RTNSolver(spec), spec, adapter.pairs_at, clip=False, judge=judge, judge_tokens=64)
     inputs = capture_inputs(model, adapter, torch.randint(0, 300, (8, 32)), "cpu", torch.float32)
     weights = {n: p.clone() for n, p in model.named_parameters()}
-    for index, block in enumerate(adapter.blocks(model)):
+    blocks = adapter.blocks(model)
+    for index, block in enumerate(blocks):
         solver.prepare_block(block, adapter.block_prefix(index), inputs.at_block(index), 4)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, weights[n])}
-    assert {p.previous for p in adapter.scaling_pairs} & {n.split(".", 3)[3].removesuffix(".weight") for n in changed}
+    previous = {p.previous for i in range(len(blocks)) for p in adapter.for_block(i).scaling_pairs}
+    assert previous & {n.split(".", 3)[3].removesuffix(".weight") for n in changed}
     assert torch.allclose(logits(model, ids), before, atol=2e-5, rtol=1e-5)
     entries = solver._search.values()
     assert all(e["awq_scaled"] for e in entries)

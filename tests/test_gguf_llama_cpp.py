@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from llmquant.api import QuantConfig, quantize
-from tiny import FAMILY_EXTRA
+from tiny import FAMILY_EXTRA, NO_GGUF
 from llmquant.formats.gguf.validate import check_gguf
 
 pytestmark = [pytest.mark.slow, pytest.mark.demo]
@@ -77,7 +77,7 @@ def test_reference_encoders_match_llama_quantize_byte_for_byte(mix, demo_files, 
     assert a.metadata["general.file_type"] == b.metadata["general.file_type"]
 
 
-@pytest.mark.parametrize("family", sorted(FAMILY_EXTRA))
+@pytest.mark.parametrize("family", sorted(set(FAMILY_EXTRA) - NO_GGUF))
 def test_llama_cpp_computes_what_transformers_computes(family, llama_bin, tmp_path):
     """Every family we export: llama.cpp's logits on an F32 file equal the float model's (names, q/k row
     order, rope, norms, head sizes and biases all have to be right for that)."""

@@ -60,8 +60,13 @@ FAMILY_EXTRA = {
                   "shared_expert_intermediate_size": 64},
     "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 16,
                   "norm_topk_prob": True},  # as the real Qwen3 MoE models (and llama.cpp) have it
+    # block 0 dense, block 1 experts; latent attention of rank 32 (q) and 16 (kv)
+    "deepseek_v3": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                    "first_k_dense_replace": 1, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
+                    "qk_nope_head_dim": 8, "v_head_dim": 16, "n_group": 1, "topk_group": 1, "n_shared_experts": 1},
 }
-MOE = {"mixtral", "qwen2_moe", "qwen3_moe"}
+MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"}
+NO_GGUF = {"deepseek_v3"}  # llama.cpp's DeepSeek-2 layout (kv_b split per head) is not written yet
 TIED = {"gemma2", "gemma3_text"}  # llama.cpp's Gemma has no output tensor: these families always tie it
 
 

@@ -32,7 +32,7 @@ def _block_linears(checkpoint) -> list[tuple[str, tuple[int, ...]]]:
     """(full name, weight shape) of every linear the family's adapter names, block by block."""
     adapter, shapes = checkpoint.adapter, checkpoint.state_shapes()
     return [(adapter.block_prefix(i) + name, tuple(shapes[adapter.block_prefix(i) + name + ".weight"].shape))
-            for i in range(len(adapter.blocks(checkpoint.model))) for name in adapter.linears()]
+            for i in range(len(adapter.blocks(checkpoint.model))) for name in adapter.for_block(i).linears()]
 
 
 class IntegerLayout:

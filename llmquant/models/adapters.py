@@ -70,9 +70,20 @@ class ArchAdapter:
     # (module prefix, checkpoint prefix) within a block where the two disagree (Mixtral's block_sparse_moe)
     renames: tuple[tuple[str, str], ...] = ()
     n_experts: int = 0  # experts a block, once expanded for a model (0: dense)
+    # MoE families whose first blocks have a dense MLP (DeepSeek): the layout of those, and which they are
+    dense: ArchAdapter | None = None
+    dense_blocks: frozenset[int] = frozenset()
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks_path)
+
+    def for_block(self, index: int) -> ArchAdapter:
+        """The layout of block `index` (a dense block among MoE ones has its own)."""
+        return self.dense if index in self.dense_blocks else self
+
+    def pairs_at(self, prefix: str) -> tuple[ScalingPair, ...]:
+        """The AWQ pairs of the block whose names start with `prefix`."""
+        return self.for_block(int(prefix.removeprefix(self.blocks_path + ".").split(".")[0])).scaling_pairs
 
     def expand(self, count: int) -> ArchAdapter:
         """This MoE family with `count` experts a block: after the template's groups, every expert's gate/up
@@ -90,15 +101,28 @@ class ArchAdapter:
         per projection (models/experts.py), and the adapter expanded to their count."""
         if self.experts is None:
             return self
-        blocks = self.blocks(model)
+        blocks, dense, count = self.blocks(model), set(), 0
         for index, block in enumerate(blocks):
             try:
                 block.get_submodule(self.experts.path)
             except AttributeError:
-                raise UserError(f"block {index} of this {self.family} model has no experts at {self.experts.path} "
-                                f"(a dense layer among sparse ones), which llmquant cannot quantize yet") from None
+                if self.dense is None:
+                    raise UserError(f"block {index} of this {self.family} model has no experts at "
+                                    f"{self.experts.path} (a dense layer among sparse ones), which its adapter does "
+                                    f"not declare") from None
+                dense.add(index)
+                continue
             unfuse(block, self.experts)
-        return self.expand(expert_count(blocks[0], self.experts))
+            count = expert_count(block, self.experts)
+        adapter = replace(self.expand(count), dense_blocks=frozenset(dense))
+        for index, block in enumerate(blocks):
+            for name in adapter.for_block(index).linears():
+                try:
+                    block.get_submodule(name)
+                except AttributeError:
+                    raise UserError(f"block {index} of this {self.family} model has no '{name}': a variant of the "
+                                    f"family its adapter does not declare") from None
+        return adapter
 
     def to_disk(self, name: str) -> str:
         """A full module/parameter name as the family's checkpoints spell it."""
@@ -210,6 +234,30 @@ ADAPTERS: dict[str, ArchAdapter] = {
         "qwen3_moe", sequential=(QKV, O), tails={"self_attn": ("o_proj", True)},
         scaling_pairs=_pairs(("input_layernorm", QKV), ("self_attn.v_proj", O), ("post_attention_layernorm", ("mlp.gate",))),
         gguf_arch="qwen3moe", gguf_keys=_top_k_normalised(True), experts=ExpertLayout()),
+    # DeepSeek V3: multi-head latent attention (q and kv through low-rank projections, each normalised before
+    # its up-projection), a shared expert beside the routed ones, and dense MLPs in the first blocks. The value
+    # rows of kv_b_proj are interleaved with the keys per head: no v -> o pair. No GGUF yet (llama.cpp's
+    # DeepSeek-2 architecture wants kv_b split and transposed per head).
+    "deepseek_v3": ArchAdapter(
+        "deepseek_v3",
+        sequential=(("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"), ("self_attn.q_b_proj",),
+                    ("self_attn.kv_b_proj",), O, ("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"),
+                    ("mlp.shared_experts.down_proj",)),
+        scaling_pairs=_pairs(("input_layernorm", ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa")),
+                             ("self_attn.q_a_layernorm", ("self_attn.q_b_proj",)),
+                             ("self_attn.kv_a_layernorm", ("self_attn.kv_b_proj",)),
+                             ("post_attention_layernorm", ("mlp.gate", "mlp.shared_experts.gate_proj",
+                                                           "mlp.shared_experts.up_proj")),
+                             ("mlp.shared_experts.up_proj", ("mlp.shared_experts.down_proj",))),
+        tails={"self_attn": ("o_proj", True)}, gguf_arch="", experts=ExpertLayout(),
+        dense=ArchAdapter(
+            "deepseek_v3", sequential=(("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"), ("self_attn.q_b_proj",),
+                                       ("self_attn.kv_b_proj",), O, GATE_UP, DOWN),
+            scaling_pairs=_pairs(("input_layernorm", ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa")),
+                                 ("self_attn.q_a_layernorm", ("self_attn.q_b_proj",)),
+                                 ("self_attn.kv_a_layernorm", ("self_attn.kv_b_proj",)),
+                                 ("post_attention_layernorm", GATE_UP), ("mlp.up_proj", DOWN)),
+            gguf_arch="")),
 }
 
 

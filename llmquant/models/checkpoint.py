@@ -158,11 +158,17 @@ class Checkpoint:
         return tensor if dtype is None else tensor.to(dtype)
 
     def materialize(self, module: nn.Module, prefix: str, device="cpu", dtype: torch.dtype | None = None) -> nn.Module:
-        """Read `module`'s parameters (full names start with `prefix`) from the shards onto `device`."""
+        """Read `module`'s parameters (full names start with `prefix`) from the shards onto `device`, and the
+        buffers the checkpoint stores (DeepSeek's router bias)."""
         for name, param in list(module.named_parameters(recurse=True)):
             if param.is_meta:
                 value = self.read(prefix + name, dtype).to(device)
                 _set(module, name, nn.Parameter(value, requires_grad=False))
+        for name, buffer in list(module.named_buffers(recurse=True)):
+            if self.adapter.to_disk(prefix + name) in self.index:
+                owner, _, leaf = name.rpartition(".")
+                stored = self.read(prefix + name, buffer.dtype if buffer.is_floating_point() else None)
+                (module.get_submodule(owner) if owner else module).register_buffer(leaf, stored.to(device))
         return module
 
     def release(self, module: nn.Module) -> None:

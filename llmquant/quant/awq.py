@@ -271,7 +271,9 @@ class AWQSolver:
                  judge: str = "rtn", judge_rows: int = 1024, judge_tokens: int = 4096):
         if not scaling_pairs:
             raise ValueError("AWQ needs the architecture's scaling pairs (previous op -> linears)")
-        self.inner, self.spec, self.pairs, self.targets = inner, spec, scaling_pairs, targets
+        # the pairs of every block, or a function of a block's name prefix (blocks of different layouts)
+        self.pairs_at = scaling_pairs if callable(scaling_pairs) else lambda prefix: scaling_pairs
+        self.inner, self.spec, self.targets = inner, spec, targets
         self.float_targets = getattr(inner, "float_targets", False)
         self.tunes_blocks = getattr(inner, "tunes_blocks", False)
         self.n_grid, self.duo_scaling, self.clip, self.max_tokens = n_grid, duo_scaling, clip, max_tokens
@@ -298,9 +300,10 @@ class AWQSolver:
     @torch.no_grad()
     def prepare_block(self, block: nn.Module, prefix: str, inputs: BlockInputs, batch: int) -> None:
         start = time.perf_counter()
+        pairs = self.pairs_at(prefix)
         stride = max(1, math.ceil(inputs.hidden.shape[0] * inputs.hidden.shape[1] / self.max_tokens))
         stats, hooks = {}, []
-        for previous, names, _ in self.pairs:
+        for previous, names, _ in pairs:
             reader = block.get_submodule(names[0])
             stats[previous] = InputStats(reader.weight.shape[1], reader.weight.device, stride)  # a router, too
             hooks.append(reader.register_forward_pre_hook(lambda m, args, st=stats[previous]: st.add(args[0])))
@@ -311,7 +314,7 @@ class AWQSolver:
                 hook.remove()
         block_judge = BlockJudge(block, inputs, batch, self.judge_tokens) if self.judge == "block" else None
         chosen = {}
-        for previous, names, fold in self.pairs:  # every scale is folded before any clip is searched
+        for previous, names, fold in pairs:  # every scale is folded before any clip is searched
             quantized = [n for n in names if self._quantized(prefix + n)]
             if not quantized:
                 continue
@@ -330,7 +333,7 @@ class AWQSolver:
                 chosen[previous] = (torch.ones(gram.shape[0], device=gram.device), gram)
                 entry["awq_scaled"] = False
             self._search.update({prefix + n: dict(entry) for n in quantized})
-        for previous, names, _ in self.pairs:
+        for previous, names, _ in pairs:
             if previous not in chosen:
                 continue
             s, gram = chosen[previous]

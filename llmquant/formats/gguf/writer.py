@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ...errors import UserError
-from ...models.adapters import ArchAdapter
+from ...models.adapters import ADAPTERS, ArchAdapter
 from ...numerics.ggml import CODECS
 
 # archs whose rotary q/k rows llama.cpp expects interleaved (the others rotate halves, as transformers does)
@@ -49,6 +49,9 @@ class Tensor:
 def arch_of(adapter: ArchAdapter) -> gguf.MODEL_ARCH:
     """llama.cpp's architecture for a family, as its adapter declares it."""
     name, model_type = adapter.gguf_arch, adapter.family
+    if not name and model_type in ADAPTERS:
+        raise UserError(f"GGUF export of family '{model_type}' is not written yet (llama.cpp's layout for it differs "
+                        f"from the checkpoint's); use --format gptq or awq")
     if not name:
         raise UserError(f"GGUF export needs a declared family: '{model_type}' was inspected, not declared, and what "
                         f"llama.cpp needs to run it is not known; use --format gptq or awq")
