@@ -170,6 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path", metavar="PATH")
     i.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("push", help="upload a packed folder or GGUF file to the Hugging Face Hub, with its card",
+                       description="Upload PATH (a packed folder or a GGUF file) to the Hub repo REPO_ID in one commit, "
+                                   "with a fresh model card (README.md). The repo is created if needed; the token is "
+                                   "HF_TOKEN or the saved login (`hf auth login`), never printed. The checkpoint is "
+                                   "validated first and only read.")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("repo_id", metavar="REPO_ID", help="user/name or org/name")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", help="branch to commit to (default: main)")
+    p.add_argument("--license", help="the card's license, when the base model's card does not give it")
+    p.add_argument("--base-model", help="the base model's Hub id, when PATH does not say it")
+    p.add_argument("--dry-run", action="store_true", help="list what would be uploaded and show the card; upload nothing")
+
     sub.add_parser("demo-model", help="build (once) and print the path of the demo model")
     return parser
 
@@ -358,8 +371,15 @@ def cmd_demo_model(args) -> None:
     print(demo_model_path())
 
 
+def cmd_push(args) -> None:
+    from .publish import push
+
+    push(args.path, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run,
+         license=args.license, base_model=args.base_model)
+
+
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "bench": cmd_bench,
-            "inspect": cmd_inspect, "demo-model": cmd_demo_model}
+            "inspect": cmd_inspect, "push": cmd_push, "demo-model": cmd_demo_model}
 
 
 def _say_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -71,6 +71,10 @@ def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: boo
         except BaseException:
             sink.abort()
             raise
+        if not fmt.single_file:  # a folder carries its model card; a GGUF file gets one when pushed
+            from .publish import write_card
+
+            write_card(tmp)
     figures = fmt.figures(out, sink)
     return QuantReport(str(out), config.method, config.bits, config.group_size, config.sym,
                        time.perf_counter() - start, figures["size_bytes"], figures["bpw"], len(plan.targets),

@@ -1,0 +1,166 @@
+"""Publishing a quantized checkpoint to the Hugging Face Hub: its model card, and one commit of its files.
+
+The card (README.md) is written into every packed folder when it is made, and again by `push`: metadata the
+Hub reads (base model, relation, license, tags), then the method and its settings, the size, and how to load
+it. `push` validates what it uploads the way `llmquant inspect` and the loaders do, creates the repo if
+needed, and uploads everything in one commit through huggingface_hub; the token comes from HF_TOKEN or the
+saved login and is never printed. The local checkpoint is only read.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from .errors import UserError
+from .version import __version__
+
+DEMO_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what `demo` is built from
+
+
+def _base_card(source: str | None):
+    """The base model's own card, when its checkpoint is a local folder with one."""
+    from huggingface_hub import ModelCard
+
+    if source and (Path(source) / "README.md").is_file():
+        try:
+            return ModelCard.load(Path(source) / "README.md")
+        except Exception:  # an unreadable card says nothing about the license; the user is asked for it
+            return None
+    return None
+
+
+def base_model_id(source: str | None) -> str | None:
+    """The Hub id of the base model: `demo`'s origin, a Hub id given as MODEL, or the id a snapshot in the
+    Hub's cache was downloaded as (.../models--org--name/snapshots/REV); None for any other local folder."""
+    if not source:
+        return None
+    if source == "demo":
+        return DEMO_BASE
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not Path(source).exists():
+        return source
+    cached = re.search(r"models--([\w.-]+?)--([\w.-]+)/snapshots/", str(source))
+    return f"{cached.group(1)}/{cached.group(2)}" if cached else None
+
+
+def settings_of(path: Path) -> dict:
+    """What the checkpoint says of itself: format, method, bits, group, size (a folder or a GGUF file)."""
+    from .formats.gguf.reader import describe_gguf, is_gguf
+
+    if is_gguf(path):
+        info = describe_gguf(path)
+        return {"format": "gguf", "method": None, "mix": info["mix"], "bpw": info["bpw"],
+                "size_bytes": info["size_bytes"], "source": None, "files": [path.name]}
+    from .formats.hf import describe, weight_files
+
+    info = describe(path)
+    meta = info.get("meta") or {}
+    return {"format": info["quant_method"], "method": meta.get("method"), "bits": info["bits"],
+            "group_size": info["group_size"], "sym": info["sym"], "desc_act": info["desc_act"], "bpw": info["bpw"],
+            "size_bytes": info["size_bytes"], "source": meta.get("source"), "calibration": meta.get("calibration"),
+            "bits_per_parameter": info["bits_per_parameter"], "files": [f.name for f in weight_files(path)]}
+
+
+def model_card(path: Path, repo_id: str | None = None, license: str | None = None, base_model: str | None = None):
+    """The huggingface_hub ModelCard of a packed folder or GGUF file."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    s = settings_of(path)
+    base = base_model or base_model_id(s["source"])
+    base_card = _base_card(s["source"])
+    license = license or (getattr(base_card.data, "license", None) if base_card is not None else None)
+    gguf = s["format"] == "gguf"
+    tags = ["llmquant", s["format"]] + ([s["method"]] if s["method"] else []) + \
+        ([f"{s['bits']}-bit"] if not gguf else [s["mix"]])
+    data = ModelCardData(base_model=base, base_model_relation="quantized" if base else None,
+                         library_name="gguf" if gguf else "transformers", pipeline_tag="text-generation",
+                         license=license, tags=tags, quantized_by="llmquant")
+    repo = repo_id or "REPO_ID"
+    body = [f"# {repo.split('/')[-1]}", "",
+            f"{'A GGUF file' if gguf else 'A packed checkpoint'} of "
+            f"{f'[{base}](https://huggingface.co/{base})' if base else 'its base model'}, quantized by "
+            f"llmquant {__version__}.", "", "| setting | value |", "|---|---|"]
+    rows = {"format": s["format"], "method": s["method"], "bits": s.get("bits"), "group size": s.get("group_size"),
+            "symmetric": s.get("sym"), "act-order (desc_act)": s.get("desc_act"), "GGUF mix": s.get("mix"),
+            "calibration": s.get("calibration"), "size": f"{s['size_bytes'] / 2**20:.1f} MiB",
+            "bits per quantized weight": f"{s['bpw']:.3f}" if s["bpw"] else None,
+            "bits per parameter": f"{s['bits_per_parameter']:.3f}" if s.get("bits_per_parameter") else None}
+    body += [f"| {k} | {v} |" for k, v in rows.items() if v is not None]
+    body += ["", "## Loading it", ""] + _snippets(repo, s)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
+
+
+def _snippets(repo: str, s: dict) -> list[str]:
+    if s["format"] == "gguf":
+        name = s["files"][0]
+        return ["llama.cpp:", "", "```bash", f"llama-cli -hf {repo} --hf-file {name} -p \"Hello\"", "```"]
+    return ["transformers (its GPTQ/AWQ support needs `gptqmodel` and `optimum` installed):", "", "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+            f"model = AutoModelForCausalLM.from_pretrained(\"{repo}\", device_map=\"auto\")",
+            f"tokenizer = AutoTokenizer.from_pretrained(\"{repo}\")", "```", "", "llmquant:", "", "```python",
+            "import llmquant", "", f"model, tokenizer = llmquant.load_any(\"{repo}\")", "```"]
+
+
+def write_card(directory: Path) -> None:
+    """README.md of a freshly written packed folder (called before it is moved into place)."""
+    (Path(directory) / "README.md").write_text(str(model_card(Path(directory))), encoding="utf-8")
+
+
+def _files(path: Path) -> list[tuple[str, Path]]:
+    """(path in repo, local file) of everything to upload; a folder's hidden files stay behind."""
+    if path.is_file():
+        return [(path.name, path)]
+    return sorted((str(f.relative_to(path)), f) for f in path.rglob("*")
+                  if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts))
+
+
+def push(path: str | Path, repo_id: str, private: bool = False, revision: str | None = None, dry_run: bool = False,
+         license: str | None = None, base_model: str | None = None, out=None) -> str | None:
+    """Upload a packed folder or a GGUF file to `repo_id` in one commit, with a fresh model card. Returns the
+    commit URL (None for a dry run, which prints what would be uploaded and the card)."""
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    out = out or (lambda line: print(line, file=sys.stdout))
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"no such checkpoint: {path}")
+    try:
+        validate_repo_id(repo_id)
+        if "/" not in repo_id:
+            raise HFValidationError("it needs a namespace")
+    except HFValidationError as err:
+        raise UserError(f"'{repo_id}' is not a Hub repo id like user/name ({str(err).splitlines()[0]})") from None
+    card = model_card(path, repo_id, license, base_model)  # validates the checkpoint as inspect does
+    if not card.data.license:
+        raise UserError(f"the license of {path} cannot be determined from its base model's card: pass --license "
+                        f"(e.g. apache-2.0)")
+    files = [(name, f) for name, f in _files(path) if name != "README.md"]
+    settings = settings_of(path)
+    message = (f"llmquant {__version__}: {settings['format']} {settings.get('method') or settings.get('mix')}"
+               + (f" W{settings['bits']} g{settings['group_size']}" if settings.get("bits") else ""))
+    if dry_run:
+        for name, f in files:
+            out(f"would upload {name} ({f.stat().st_size:,} bytes)")
+        out(f"would upload README.md (the card below)\ncommit message: {message}\n\n{card}")
+        return None
+    token = get_token()
+    if not token:
+        raise UserError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
+    api = HfApi(token=token)
+    operations = [CommitOperationAdd(name, str(f)) for name, f in files]
+    operations.append(CommitOperationAdd("README.md", str(card).encode()))
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.create_commit(repo_id, operations, commit_message=message, revision=revision)
+    except Exception as err:  # network, server, permissions: nothing local changed, the whole push can be redone
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"uploading to {repo_id} failed ({type(err).__name__}: {_without(reason, token)}); {path} is "
+                        f"untouched, and `llmquant push {path} {repo_id}` uploads it again in one commit") from None
+    out(f"pushed {len(operations)} files to {info.commit_url}")
+    return info.commit_url
+
+
+def _without(text: str, secret: str) -> str:
+    return text.replace(secret, "***") if secret else text

@@ -1,0 +1,165 @@
+"""Publishing: the model card written with every packed folder, and `llmquant push` end to end against a
+local HTTP server standing in for the Hub endpoints huggingface_hub calls (the Hub is unreachable here)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from tiny import make_tiny_model
+
+from llmquant.api import QuantConfig, quantize
+
+TOKEN = "hf_" + "s3cr3t" * 6
+
+
+class FakeHub(BaseHTTPRequestHandler):
+    """Repo creation, README validation, preupload (every file 'regular': inlined in the commit) and commit."""
+
+    state: dict = {}
+
+    def log_message(self, *args):
+        pass
+
+    def _reply(self, code: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.state.setdefault("auth", set()).add(self.headers.get("Authorization"))
+        self.state.setdefault("paths", []).append(self.path)
+        port = self.server.server_address[1]
+        if self.path == "/api/repos/create":
+            request = json.loads(body)
+            self.state["created"] = request
+            return self._reply(200, {"url": f"http://127.0.0.1:{port}/{request['organization']}/{request['name']}"})
+        if self.path == "/api/validate-yaml":
+            return self._reply(200, {})
+        if "/preupload/" in self.path:
+            files = json.loads(body)["files"]
+            return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                               for f in files]})
+        if "/commit/" in self.path:
+            if self.state.get("fail_commit"):
+                return self._reply(500, {"error": "the server fell over"})
+            lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+            self.state["message"] = lines[0]["value"]["summary"]
+            self.state["files"] = {item["value"]["path"]: base64.b64decode(item["value"]["content"])
+                                   for item in lines if item["key"] == "file"}
+            return self._reply(200, {"commitUrl": f"http://127.0.0.1:{port}/me/tiny/commit/abc", "commitOid": "abc"})
+        return self._reply(404, {"error": f"no route {self.path}"})
+
+
+@pytest.fixture
+def hub():
+    FakeHub.state = {}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server, FakeHub.state
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("publish")
+    src = make_tiny_model(root / "hub/models--me--tiny-llama/snapshots/0123abc", "llama")  # as the Hub's cache has it
+    (src / "README.md").write_text("---\nlicense: apache-2.0\n---\n# a tiny model\n")
+    quantize(src, QuantConfig(bits=4, group_size=32), root / "q", progress=False)
+    return root / "q"
+
+
+def push(args, port, **env):
+    environment = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_TOKEN": TOKEN,
+                   "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_ETAG_TIMEOUT": "2", **env}
+    environment.pop("HF_HUB_OFFLINE", None)
+    return subprocess.run([sys.executable, "-m", "llmquant", "push", *map(str, args)], capture_output=True,
+                          text=True, env=environment, timeout=300)
+
+
+def digest(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_every_packed_folder_carries_a_card_the_hub_parses(packed):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(packed / "README.md")
+    data = card.data.to_dict()
+    assert data["license"] == "apache-2.0"  # carried from the base model's card
+    assert data["base_model"] == "me/tiny-llama"
+    assert data["base_model_relation"] == "quantized" and data["library_name"] == "transformers"
+    assert data["pipeline_tag"] == "text-generation" and {"llmquant", "gptq", "4-bit"} <= set(data["tags"])
+    assert "| bits | 4 |" in card.text and "| group size | 32 |" in card.text
+
+
+def test_push_uploads_exactly_the_checkpoint_in_one_commit_and_never_shows_the_token(packed, hub):
+    server, state = hub
+    before = digest(packed)
+    run = push([packed, "me/tiny", "--private"], server.server_address[1])
+    assert run.returncode == 0, run.stderr
+    assert TOKEN not in run.stdout + run.stderr
+    assert state["auth"] == {f"Bearer {TOKEN}"}  # sent to the Hub only
+    assert state["created"]["name"] == "tiny" and state["created"]["visibility"] == "private"
+    sent = state["files"]
+    local = {p.name: p.read_bytes() for p in packed.iterdir() if p.name != "README.md"}
+    assert {k: v for k, v in sent.items() if k != "README.md"} == local
+    assert b"base_model_relation: quantized" in sent["README.md"] and b'from_pretrained("me/tiny"' in sent["README.md"]
+    assert [p for p in state["paths"] if "/commit/" in p] == ["/api/models/me/tiny/commit/main"]
+    assert "gptq" in state["message"] and digest(packed) == before
+
+
+def test_a_failed_push_says_what_to_rerun_and_leaves_the_checkpoint(packed, hub):
+    server, state = hub
+    state["fail_commit"] = True
+    before = digest(packed)
+    run = push([packed, "me/tiny"], server.server_address[1])
+    line = run.stderr.strip().splitlines()[-1]
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert f"llmquant push {packed} me/tiny" in line and "untouched" in line
+    assert TOKEN not in run.stdout + run.stderr and digest(packed) == before
+
+
+def test_bad_pushes_are_one_line_and_upload_nothing(packed, hub, tmp_path):
+    server, state = hub
+    port = server.server_address[1]
+    unlicensed = tmp_path / "unlicensed"
+    quantize(make_tiny_model(tmp_path / "src", "llama"), QuantConfig(bits=4, group_size=32), unlicensed,
+             progress=False)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    for args, env, fragment in [
+        ([packed, "not a repo"], {}, "is not a Hub repo id"),
+        ([packed, "tiny"], {}, "is not a Hub repo id"),
+        ([packed, "me/tiny"], {"HF_TOKEN": "", "HF_HOME": str(tmp_path / "home")}, "no Hugging Face token"),
+        ([unlicensed, "me/tiny"], {}, "pass --license"),
+        ([broken, "me/tiny", "--license", "mit"], {}, "broken"),
+        ([tmp_path / "missing", "me/tiny"], {}, "no such checkpoint"),
+    ]:
+        run = push(args, port, **env)
+        assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, (args, run.stderr)
+        assert fragment in run.stderr, (fragment, run.stderr)
+    assert "files" not in state and "created" not in state
+
+
+def test_dry_run_lists_the_files_and_shows_the_card(packed, hub):
+    server, state = hub
+    run = push([packed, "me/tiny", "--dry-run"], server.server_address[1])
+    assert run.returncode == 0, run.stderr
+    listed = {line.split()[2] for line in run.stdout.splitlines() if line.startswith("would upload")}
+    assert listed == {p.name for p in packed.iterdir()}
+    assert "base_model_relation: quantized" in run.stdout and not state
