@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.layers is not None and args.layers < 1:
         parser.error("--layers must be at least 1")
     if args.experts == 1 or args.experts < 0 or (args.experts and SHAPES[args.shape]["intermediate_size"] % args.experts):
-        parser.error(f"--experts must be 0 or at least 2, and divide the shape's intermediate size")
+        parser.error("--experts must be 0 or at least 2, and divide the shape's intermediate size")
     return args
 
 

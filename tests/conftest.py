@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from tiny import make_tiny_model
+from tiny import make_tiny_model, sample_text
 
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
@@ -20,3 +20,11 @@ def demo_model_dir():
     from llmquant.models.demo import demo_model_path
 
     return demo_model_path()
+
+
+@pytest.fixture(scope="session")
+def calib(tmp_path_factory):
+    """A calibration text file in the tiny tokenizer's words."""
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(sample_text(6000, seed=5))
+    return path

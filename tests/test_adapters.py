@@ -9,14 +9,7 @@ from llmquant.models import ADAPTERS, adapter_for
 from llmquant.models.adapters import OFFSET
 from llmquant.models.discover import discover
 from llmquant.models.loader import load_float_model
-from tiny import FAMILY_EXTRA, MOE, NO_GGUF, make_tiny_model, make_tokenizer, sample_text
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(sample_text(6000, seed=5))
-    return path
+from tiny import FAMILY_EXTRA, MOE, NO_GGUF, make_tiny_model, make_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from llmquant.models.checkpoint import Checkpoint
 from llmquant.models.loader import load_float_model
 from llmquant.runner import run_layers
 from test_cli import assert_one_line_error, run
-from tiny import make_tiny_model, sample_text
+from tiny import make_tiny_model
 
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json")
@@ -48,13 +48,6 @@ def copy_checkpoint(src, dst, dtype=None, max_shard_size=None):
 @pytest.fixture(scope="module")
 def four_block_model(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("streaming") / "llama", layers=4)
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(sample_text(4000, seed=2))
-    return path
 
 
 @pytest.fixture(scope="module")
