@@ -374,6 +374,9 @@ def _quantize_block(block: nn.Module, index: int, run: _Run) -> None:
                                run.batch, run.compute_dtype)
     floats = {prefix + n: p.detach().to(device="cpu", dtype=run.model_dtype) for n, p in block.named_parameters()
               if not (n.endswith(".weight") and prefix + n.removesuffix(".weight") in results)}
+    stored = block.state_dict(keep_vars=True)  # persistent buffers are checkpoint tensors too (DeepSeek's router bias)
+    floats.update({prefix + n: b.detach().to(device="cpu", dtype=run.model_dtype) for n, b in block.named_buffers()
+                   if n in stored})
     if run.checkpoint is None:  # the model in memory goes on in its own dtype
         block.to(device="cpu", dtype=run.model_dtype)
     if run.workdir is not None:

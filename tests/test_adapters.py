@@ -64,9 +64,12 @@ def test_every_family_writes_a_q4_k_m_gguf(family, method, calib, tmp_path):
     types = {t.name: t.tensor_type for t in reader.tensors}
     if family in MOE:  # every expert in one 3D tensor a block
         shapes = {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}
-        experts = FAMILY_EXTRA[family].get("num_experts") or FAMILY_EXTRA[family]["num_local_experts"]
-        assert all(shapes[f"blk.{i}.ffn_{p}_exps.weight"][2] == experts for i in range(2) for p in ("gate", "up", "down"))
-        assert report.quantized_linears == 2 * len(load_float_model(src)[2].linears())
+        extra = FAMILY_EXTRA[family]
+        experts = extra.get("num_experts") or extra.get("n_routed_experts") or extra["num_local_experts"]
+        sparse = range(extra.get("first_k_dense_replace", 0), 2)  # DeepSeek's first block is dense
+        assert all(shapes[f"blk.{i}.ffn_{p}_exps.weight"][2] == experts for i in sparse for p in ("gate", "up", "down"))
+        adapter = load_float_model(src)[2]
+        assert report.quantized_linears == sum(len(adapter.for_block(i).linears()) for i in range(2))
     else:
         assert report.quantized_linears == 2 * len(ADAPTERS[family].linears())
         assert {types[f"blk.{i}.ffn_down.weight"] for i in range(2)} <= {gguf.GGMLQuantizationType.Q4_K,
@@ -221,13 +224,16 @@ def test_an_expert_no_token_is_routed_to_is_observed_on_every_token(family_dirs,
     assert torch.isfinite(expert.w1.dequantize_weight()).all()
 
 
-def test_deepseek_blocks_of_both_kinds_and_no_gguf_yet(family_dirs, tmp_path, capsys):
-    """Block 0 has a dense MLP, block 1 experts: each is solved with its own layout; GGUF is one line."""
+def test_deepseek_blocks_of_both_kinds(family_dirs):
+    """Block 0 has a dense MLP, block 1 experts: each is solved with its own layout; the router bias (a
+    buffer) is read from the checkpoint."""
+    from llmquant.models.checkpoint import Checkpoint
+
     _, _, adapter, _ = load_float_model(family_dirs["deepseek_v3"])
     assert adapter.dense_blocks == {0} and "mlp.down_proj" in adapter.for_block(0).linears()
     assert "mlp.experts.3.down_proj" in adapter.for_block(1).linears()
-    capsys.readouterr()
-    assert main(["quantize", str(family_dirs["deepseek_v3"]), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "GGUF export of family 'deepseek_v3' is not written yet" in err, err
-    assert not (tmp_path / "m.gguf").exists()
+    checkpoint = Checkpoint(family_dirs["deepseek_v3"])
+    block = checkpoint.adapter.blocks(checkpoint.model)[1]
+    checkpoint.materialize(block, checkpoint.adapter.block_prefix(1))
+    stored = checkpoint.read("model.layers.1.mlp.gate.e_score_correction_bias")
+    assert stored.abs().sum() > 0 and torch.equal(block.mlp.gate.e_score_correction_bias, stored)

@@ -66,7 +66,7 @@ FAMILY_EXTRA = {
                     "qk_nope_head_dim": 8, "v_head_dim": 16, "n_group": 1, "topk_group": 1, "n_shared_experts": 1},
 }
 MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"}
-NO_GGUF = {"deepseek_v3"}  # llama.cpp's DeepSeek-2 layout (kv_b split per head) is not written yet
+NO_GGUF: set[str] = set()  # families whose GGUF export is not written
 TIED = {"gemma2", "gemma3_text"}  # llama.cpp's Gemma has no output tensor: these families always tie it
 
 
@@ -94,6 +94,9 @@ def make_tiny_model(path: Path, model_type: str = "llama", seed: int = 0, dtype=
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek's router bias, stored in the checkpoint
+                b.normal_(0, 0.5)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return Path(path)

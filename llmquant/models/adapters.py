@@ -64,6 +64,8 @@ class ArchAdapter:
     blocks_path: str = "model.layers"  # where the decoder blocks sit in the CausalLM
     gguf_arch: str = "llama"  # llama.cpp's architecture name (gguf.MODEL_ARCH)
     gguf_keys: Callable | None = None  # (GGUFWriter, config) -> None: keys llama.cpp needs beyond Llama's
+    # config -> {head_count_kv, key_length, value_length, rope_dimension_count} where they are not Llama's
+    gguf_attention: Callable | None = None
     norm_offset: float = 0.0  # norms compute x * (norm_offset + w): llama.cpp's files store the sum
     # mixture of experts: where the fused experts sit; `expand` adds their linears and AWQ pairs
     experts: ExpertLayout | None = None
@@ -186,6 +188,30 @@ def _top_k_normalised(expected: bool):
     return keys
 
 
+def _deepseek_keys(w, config) -> None:
+    """Latent attention written for llama.cpp's DeepSeek-2 without the absorbed form (kv_b_proj whole), and its
+    routing: sigmoid scores, expert groups, renormalised and scaled top-k weights, shared experts."""
+    import gguf
+
+    w.add_leading_dense_block_count(config.first_k_dense_replace)
+    w.add_q_lora_rank(config.q_lora_rank)
+    w.add_kv_lora_rank(config.kv_lora_rank)
+    w.add_expert_shared_count(config.n_shared_experts)
+    w.add_expert_weights_scale(config.routed_scaling_factor)
+    if config.norm_topk_prob:
+        w.add_expert_weights_norm(True)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    w.add_expert_group_count(config.n_group)
+    w.add_expert_group_used_count(config.topk_group)
+    if not getattr(config, "rope_interleave", True):
+        raise UserError("llama.cpp's DeepSeek-2 rotates adjacent pairs; this checkpoint has rope_interleave=false")
+
+
+def _deepseek_attention(config) -> dict:
+    return {"head_count_kv": config.num_attention_heads, "key_length": config.qk_nope_head_dim + config.qk_rope_head_dim,
+            "value_length": config.v_head_dim, "rope_dimension_count": config.qk_rope_head_dim}
+
+
 def _granite_keys(w, config) -> None:
     w.add_attention_scale(config.attention_multiplier)
     w.add_embedding_scale(config.embedding_multiplier)
@@ -236,8 +262,7 @@ ADAPTERS: dict[str, ArchAdapter] = {
         gguf_arch="qwen3moe", gguf_keys=_top_k_normalised(True), experts=ExpertLayout()),
     # DeepSeek V3: multi-head latent attention (q and kv through low-rank projections, each normalised before
     # its up-projection), a shared expert beside the routed ones, and dense MLPs in the first blocks. The value
-    # rows of kv_b_proj are interleaved with the keys per head: no v -> o pair. No GGUF yet (llama.cpp's
-    # DeepSeek-2 architecture wants kv_b split and transposed per head).
+    # rows of kv_b_proj are interleaved with the keys per head: no v -> o pair.
     "deepseek_v3": ArchAdapter(
         "deepseek_v3",
         sequential=(("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"), ("self_attn.q_b_proj",),
@@ -249,7 +274,8 @@ ADAPTERS: dict[str, ArchAdapter] = {
                              ("post_attention_layernorm", ("mlp.gate", "mlp.shared_experts.gate_proj",
                                                            "mlp.shared_experts.up_proj")),
                              ("mlp.shared_experts.up_proj", ("mlp.shared_experts.down_proj",))),
-        tails={"self_attn": ("o_proj", True)}, gguf_arch="", experts=ExpertLayout(),
+        tails={"self_attn": ("o_proj", True)}, gguf_arch="deepseek2", gguf_keys=_deepseek_keys,
+        gguf_attention=_deepseek_attention, experts=ExpertLayout(),
         dense=ArchAdapter(
             "deepseek_v3", sequential=(("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"), ("self_attn.q_b_proj",),
                                        ("self_attn.kv_b_proj",), O, GATE_UP, DOWN),

@@ -77,6 +77,8 @@ def gguf_name(hf_name: str, arch: gguf.MODEL_ARCH, n_blocks: int, adapter: ArchA
         if adapter.experts is not None:
             hf_name = EXPERT_INDEX.sub(".experts.", hf_name)
     base, _, suffix = hf_name.rpartition(".")
+    if suffix.endswith("_bias"):  # DeepSeek's router bias: mlp.gate.e_score_correction_bias
+        base, suffix = f"{base}.{suffix.removesuffix('_bias')}", "bias"
     mapped = _name_map(arch, n_blocks).get_name(base)
     if mapped is None:
         raise UserError(f"no GGUF name for tensor '{hf_name}' in a {gguf.MODEL_ARCH_NAMES[arch]} model")
@@ -148,12 +150,15 @@ def add_hyperparameters(w: gguf.GGUFWriter, config, adapter: ArchAdapter) -> lis
     w.add_block_count(config.num_hidden_layers)
     w.add_feed_forward_length(config.intermediate_size)
     w.add_head_count(config.num_attention_heads)
-    w.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    attention = {"head_count_kv": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+                 "key_length": head_dim, "value_length": head_dim, "rope_dimension_count": head_dim}
+    attention.update(adapter.gguf_attention(config) if adapter.gguf_attention else {})
+    w.add_head_count_kv(attention["head_count_kv"])
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
     w.add_vocab_size(config.vocab_size)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    w.add_rope_dimension_count(head_dim)
+    w.add_key_length(attention["key_length"])
+    w.add_value_length(attention["value_length"])
+    w.add_rope_dimension_count(attention["rope_dimension_count"])
     rope = _rope(config)
     w.add_rope_freq_base(float(rope["rope_theta"]))
     if adapter.n_experts:
