@@ -101,3 +101,28 @@ def test_llama_cpp_computes_what_transformers_computes(family, llama_bin, tmp_pa
     llm.eval(ids)
     got = np.array(llm.scores[:len(ids)])
     assert np.abs(got - expected).max() < 1e-3 * np.abs(expected).max() + 1e-4, np.abs(got - expected).max()
+
+
+@pytest.mark.parametrize("family,experts", [("mixtral", 8), ("qwen3_moe", 4), ("deepseek_v3", 4)])
+@pytest.mark.parametrize("mix", ["Q4_K_M", "Q3_K_M"])
+def test_expert_files_match_llama_quantize_byte_for_byte(family, experts, mix, llama_bin, tmp_path):
+    """Mixtures of experts: the same types (llama-quantize's 8-expert rules, layers read from the names of
+    3D expert tensors) and the same bytes as llama-quantize makes from our F32 file."""
+    from tiny import make_tiny_model
+
+    count = {"mixtral": "num_local_experts", "qwen3_moe": "num_experts", "deepseek_v3": "n_routed_experts"}[family]
+    wide = {"q_lora_rank": 256, "kv_lora_rank": 256} if family == "deepseek_v3" else {}  # K-types on kv_b too
+    src = make_tiny_model(tmp_path / "src", family, hidden=256, intermediate=512, layers=4, **{count: experts}, **wide)
+    f32, theirs, ours = tmp_path / "f32.gguf", tmp_path / "theirs.gguf", tmp_path / "ours.gguf"
+    quantize(src, QuantConfig(format="gguf", gguf_type="F32"), f32, progress=False)
+    subprocess.run([str(llama_bin / "llama-quantize"), str(f32), str(theirs), mix, "2"], check=True,
+                   capture_output=True)
+    quantize(src, QuantConfig(format="gguf", gguf_type=mix), ours, progress=False)
+    a, b = check_gguf(ours), check_gguf(theirs)
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    assert set(ta) == set(tb)
+    ma, mb = np.memmap(ours, dtype=np.uint8, mode="r"), np.memmap(theirs, dtype=np.uint8, mode="r")
+    for name, x in ta.items():
+        y = tb[name]
+        assert (x.type, x.shape) == (y.type, y.shape), name
+        assert np.array_equal(ma[a.data_offset + x.offset:][:x.nbytes], mb[b.data_offset + y.offset:][:y.nbytes]), name

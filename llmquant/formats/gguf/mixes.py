@@ -80,11 +80,14 @@ class TensorInfo:
     shape: tuple[int, ...]  # torch order: (rows, row length)
 
 
+ATTN_V = ("attn_v", "attn_qkv", "attn_kv_b")  # what llama-quantize treats as attention values (DeepSeek's kv_b)
+
+
 def _category(name: str) -> str:
     if name in ("output.weight", "token_embd.weight"):
         return name.split(".")[0]
-    for part in ("attn_qkv.weight", "attn_v.weight", "attn_k.weight", "attn_q.weight", "attn_output.weight",
-                 "ffn_up", "ffn_gate", "ffn_down"):
+    for part in ("attn_qkv.weight", "attn_v.weight", "attn_kv_b.weight", "attn_k.weight", "attn_q.weight",
+                 "attn_output.weight", "ffn_up", "ffn_gate", "ffn_down"):
         if part in name:
             return part.removesuffix(".weight")
     return "other"
@@ -98,12 +101,14 @@ def tensor_types(tensors: list[TensorInfo], mix: str, n_gqa: int, tied: bool, ha
     if mix not in MIXES:
         raise UserError(f"unknown GGUF type '{mix}'; choose one of {', '.join(MIXES)}")
     default = MIXES[mix][1]
-    n_v = sum(_category(t.name) in ("attn_v", "attn_qkv") for t in tensors)
+    n_v = sum(_category(t.name) in ATTN_V for t in tensors)
     n_down = sum(_category(t.name) == "ffn_down" for t in tensors)
+    n_layers = 1 + max((int(t.name.split(".")[1]) for t in tensors if t.name.startswith("blk.")), default=-1)
     i_v = i_down = 0
     out = {}
     for t in tensors:
-        if len(t.shape) < 2 or not t.name.endswith("weight") or "_norm.weight" in t.name:
+        if len(t.shape) < 2 or not t.name.endswith("weight") or "_norm.weight" in t.name or \
+                t.name.endswith("ffn_gate_inp.weight"):  # norms and routers stay float, as llama-quantize has it
             out[t.name] = T.F32
             continue
         cat = _category(t.name)
@@ -117,14 +122,14 @@ def tensor_types(tensors: list[TensorInfo], mix: str, n_gqa: int, tied: bool, ha
             new = T.Q8_0 if t.shape[-1] % block_size(default) or default == T.Q8_0 else T.Q6_K
         elif cat == "token_embd":
             pass
-        elif cat in ("attn_v", "attn_k") and n_expert == 8:
+        elif (cat in ATTN_V or cat == "attn_k") and n_expert == 8:
             new = T.Q8_0
-            i_v += cat == "attn_v"
-        elif cat in ("attn_v", "attn_qkv"):
+            i_v += cat in ATTN_V
+        elif cat in ATTN_V:
             new = _attn_v(mix, default, n_gqa, i_v, n_v, cat == "attn_qkv")
             i_v += 1
         elif cat == "ffn_down":
-            layer, layers = (int(t.name.split(".")[1]), n_v) if n_expert > 1 else (i_down, n_down)
+            layer, layers = (int(t.name.split(".")[1]), n_layers) if n_expert > 1 else (i_down, n_down)
             new = _ffn_down(mix, default, layer, layers, has_imatrix)
             i_down += 1
         elif cat == "attn_output" and n_expert == 8 and mix in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M"):
