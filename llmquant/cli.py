@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(q, "eval-")
     _add_speed_args(q)
     q.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    q.add_argument("--push-to-hub", metavar="REPO_ID",
+                   help="then upload the result to this Hub repo (as `llmquant push`; id and token checked first)")
+    q.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    q.add_argument("--license", help="with --push-to-hub: the card's license, if the base model's card lacks one")
 
     e = sub.add_parser("eval", help="perplexity (and KLD / top-1 against a base model)", epilog=EPILOG,
                        description="Score PATH on non-overlapping windows of a text; with --base, also the mean "
@@ -205,29 +209,7 @@ def _evaluate(paths, data_text, seqlen, windows, base, device):
     return evaluate_many(models, tokenizer, data_text, seqlen=seqlen, windows=windows, base=base_model)
 
 
-def cmd_quantize(args) -> None:
-    from .api import QuantConfig, quantize
-
-    fields = {f.name for f in dataclasses.fields(QuantConfig)}
-    config = QuantConfig(**{name: value for name, value in vars(args).items() if name in fields})
-    config.gguf_type = config.gguf_type.upper()
-    config.validate()
-    text = _eval_text(args.eval_data) if args.eval else None  # fail before the long work, not after
-    if args.eval:
-        from .speed import check_lengths
-
-        check_lengths(args.prompt_tokens, args.new_tokens)
-    if args.calib and config.method == "rtn":
-        print("note: rtn uses no calibration data; --calib is ignored", file=sys.stderr)
-    report = quantize(args.model, config, args.out, force=args.force, work_dir=args.work_dir, resume=args.resume)
-    result = report.to_dict()
-    if args.eval:
-        ev = _evaluate([args.out], text, args.eval_seqlen, args.eval_windows, args.model, args.device)
-        result["eval"] = ev[str(args.out)].to_dict()
-        result["speed"] = _bench(args, args.out, args.model)
-    if args.json:
-        print(json.dumps(result))
-        return
+def _print_report(report, config, args, result) -> None:
     if report.gguf_types:
         counts = collections.Counter(t for name, t in report.gguf_types.items() if name.endswith(".weight"))
         print(f"wrote {report.out}: GGUF {config.gguf_type} by {config.method}; {_type_summary(counts)}")
@@ -246,6 +228,41 @@ def cmd_quantize(args) -> None:
         print(f"  ppl {ev['ppl']:.4f}, KLD {ev['kld']:.5f}, top-1 {ev['top1']:.4f} "
               f"({ev['windows']} windows x {args.eval_seqlen} tokens)")
         _print_speed(result["speed"])
+
+
+def cmd_quantize(args) -> None:
+    from .api import QuantConfig, quantize
+
+    fields = {f.name for f in dataclasses.fields(QuantConfig)}
+    config = QuantConfig(**{name: value for name, value in vars(args).items() if name in fields})
+    config.gguf_type = config.gguf_type.upper()
+    config.validate()
+    text = _eval_text(args.eval_data) if args.eval else None  # fail before the long work, not after
+    if args.eval:
+        from .speed import check_lengths
+
+        check_lengths(args.prompt_tokens, args.new_tokens)
+    if args.calib and config.method == "rtn":
+        print("note: rtn uses no calibration data; --calib is ignored", file=sys.stderr)
+    if args.push_to_hub:
+        from .publish import check_destination
+
+        check_destination(args.push_to_hub)
+    report = quantize(args.model, config, args.out, force=args.force, work_dir=args.work_dir, resume=args.resume)
+    result = report.to_dict()
+    if args.eval:
+        ev = _evaluate([args.out], text, args.eval_seqlen, args.eval_windows, args.model, args.device)
+        result["eval"] = ev[str(args.out)].to_dict()
+        result["speed"] = _bench(args, args.out, args.model)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_report(report, config, args, result)
+    if args.push_to_hub:
+        from .publish import push
+
+        say = (lambda line: print(line, file=sys.stderr)) if args.json else None  # stdout stays one JSON object
+        push(args.out, args.push_to_hub, private=args.private, license=args.license, out=say)
 
 
 def cmd_eval(args) -> None:

@@ -48,10 +48,12 @@ def settings_of(path: Path) -> dict:
     """What the checkpoint says of itself: format, method, bits, group, size (a folder or a GGUF file)."""
     from .formats.gguf.reader import describe_gguf, is_gguf
 
-    if is_gguf(path):
-        info = describe_gguf(path)
-        return {"format": "gguf", "method": None, "mix": info["mix"], "bpw": info["bpw"],
-                "size_bytes": info["size_bytes"], "source": None, "files": [path.name]}
+    ggufs = sorted(path.glob("*.gguf")) if path.is_dir() and not (path / "config.json").exists() else []
+    if is_gguf(path) or ggufs:  # one GGUF file, or a folder of them (several mixes of one model)
+        infos = [describe_gguf(f) for f in (ggufs or [path])]
+        return {"format": "gguf", "method": None, "mix": ", ".join(i["mix"] for i in infos),
+                "bpw": infos[0]["bpw"] if len(infos) == 1 else None, "size_bytes": sum(i["size_bytes"] for i in infos),
+                "source": None, "files": [Path(i["path"]).name for i in infos]}
     from .formats.hf import describe, weight_files
 
     info = describe(path)
@@ -72,7 +74,8 @@ def model_card(path: Path, repo_id: str | None = None, license: str | None = Non
     license = license or (getattr(base_card.data, "license", None) if base_card is not None else None)
     gguf = s["format"] == "gguf"
     tags = ["llmquant", s["format"]] + ([s["method"]] if s["method"] else []) + \
-        ([f"{s['bits']}-bit"] if not gguf else [s["mix"]])
+        ([f"{s['bits']}-bit"] if not gguf else s["mix"].split(", "))
+    tags = list(dict.fromkeys(tags))  # gptq is both a format and a method
     data = ModelCardData(base_model=base, base_model_relation="quantized" if base else None,
                          library_name="gguf" if gguf else "transformers", pipeline_tag="text-generation",
                          license=license, tags=tags, quantized_by="llmquant")
@@ -107,6 +110,21 @@ def write_card(directory: Path) -> None:
     (Path(directory) / "README.md").write_text(str(model_card(Path(directory))), encoding="utf-8")
 
 
+def check_destination(repo_id: str) -> None:
+    """Before any long work: the repo id is well formed and a token is there to push with."""
+    from huggingface_hub import get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+        if "/" not in repo_id:
+            raise HFValidationError("it needs a namespace")
+    except HFValidationError as err:
+        raise UserError(f"'{repo_id}' is not a Hub repo id like user/name ({str(err).splitlines()[0]})") from None
+    if not get_token():
+        raise UserError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
+
+
 def _files(path: Path) -> list[tuple[str, Path]]:
     """(path in repo, local file) of everything to upload; a folder's hidden files stay behind."""
     if path.is_file():
@@ -120,18 +138,13 @@ def push(path: str | Path, repo_id: str, private: bool = False, revision: str | 
     """Upload a packed folder or a GGUF file to `repo_id` in one commit, with a fresh model card. Returns the
     commit URL (None for a dry run, which prints what would be uploaded and the card)."""
     from huggingface_hub import CommitOperationAdd, HfApi, get_token
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     out = out or (lambda line: print(line, file=sys.stdout))
     path = Path(path)
     if not path.exists():
         raise UserError(f"no such checkpoint: {path}")
-    try:
-        validate_repo_id(repo_id)
-        if "/" not in repo_id:
-            raise HFValidationError("it needs a namespace")
-    except HFValidationError as err:
-        raise UserError(f"'{repo_id}' is not a Hub repo id like user/name ({str(err).splitlines()[0]})") from None
+    if not dry_run:
+        check_destination(repo_id)
     card = model_card(path, repo_id, license, base_model)  # validates the checkpoint as inspect does
     if not card.data.license:
         raise UserError(f"the license of {path} cannot be determined from its base model's card: pass --license "
@@ -146,8 +159,6 @@ def push(path: str | Path, repo_id: str, private: bool = False, revision: str | 
         out(f"would upload README.md (the card below)\ncommit message: {message}\n\n{card}")
         return None
     token = get_token()
-    if not token:
-        raise UserError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
     api = HfApi(token=token)
     operations = [CommitOperationAdd(name, str(f)) for name, f in files]
     operations.append(CommitOperationAdd("README.md", str(card).encode()))

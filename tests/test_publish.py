@@ -163,3 +163,37 @@ def test_dry_run_lists_the_files_and_shows_the_card(packed, hub):
     listed = {line.split()[2] for line in run.stdout.splitlines() if line.startswith("would upload")}
     assert listed == {p.name for p in packed.iterdir()}
     assert "base_model_relation: quantized" in run.stdout and not state
+
+
+def test_quantize_can_push_and_checks_where_before_any_work(hub, tmp_path):
+    server, state = hub
+    port = server.server_address[1]
+    src = make_tiny_model(tmp_path / "src", "llama")
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_TELEMETRY": "1"}
+    common = [sys.executable, "-m", "llmquant", "quantize", str(src), "--bits", "4", "--group-size", "32"]
+    bad = subprocess.run([*common, "--out", str(tmp_path / "bad"), "--push-to-hub", "not a repo"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and "is not a Hub repo id" in bad.stderr and not (tmp_path / "bad").exists()
+    run = subprocess.run([*common, "--out", str(tmp_path / "q"), "--push-to-hub", "me/tiny", "--license", "mit",
+                          "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["quantized_linears"] == 14  # stdout is still one JSON object
+    local = {p.name: p.read_bytes() for p in (tmp_path / "q").iterdir() if p.name != "README.md"}
+    assert {k: v for k, v in state["files"].items() if k != "README.md"} == local
+    assert b"license: mit" in state["files"]["README.md"] and TOKEN not in run.stdout + run.stderr
+
+
+def test_a_folder_of_gguf_files_goes_up_as_one_repo(hub, tmp_path):
+    server, state = hub
+    src = make_tiny_model(tmp_path / "src", "llama", hidden=256, intermediate=512)
+    folder = tmp_path / "ggufs"
+    folder.mkdir()
+    for mix in ("Q8_0", "Q4_K_M"):
+        quantize(src, QuantConfig(format="gguf", gguf_type=mix), folder / f"tiny-{mix}.gguf", progress=False)
+    run = push([folder, "me/tiny-gguf", "--license", "mit", "--base-model", "me/tiny"], server.server_address[1])
+    assert run.returncode == 0, run.stderr
+    assert set(state["files"]) == {"tiny-Q8_0.gguf", "tiny-Q4_K_M.gguf", "README.md"}
+    assert state["files"]["tiny-Q4_K_M.gguf"] == (folder / "tiny-Q4_K_M.gguf").read_bytes()
+    card = state["files"]["README.md"].decode()
+    assert "library_name: gguf" in card and "Q4_K_M, Q8_0" in card and "base_model: me/tiny" in card
+    assert "- Q8_0" in card and "- Q4_K_M" in card
