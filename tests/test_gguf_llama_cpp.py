@@ -56,6 +56,19 @@ def test_llama_cpp_tokenizes_like_hf_and_generates(mix, demo_files, demo_model_d
     assert "Berlin" in out, out
 
 
+def assert_same_tensors(ours, theirs) -> None:
+    """Every tensor of two GGUF files has the same type, shape and bytes; so has the file type."""
+    a, b = check_gguf(ours), check_gguf(theirs)
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    assert set(ta) == set(tb)
+    ma, mb = np.memmap(ours, dtype=np.uint8, mode="r"), np.memmap(theirs, dtype=np.uint8, mode="r")
+    for name, x in ta.items():
+        y = tb[name]
+        assert (x.type, x.shape) == (y.type, y.shape), name
+        assert np.array_equal(ma[a.data_offset + x.offset:][:x.nbytes], mb[b.data_offset + y.offset:][:y.nbytes]), name
+    assert a.metadata["general.file_type"] == b.metadata["general.file_type"]
+
+
 @pytest.mark.parametrize("mix", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L",
                                  "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"])
 def test_reference_encoders_match_llama_quantize_byte_for_byte(mix, demo_files, demo_model_dir, llama_bin, tmp_path):
@@ -66,15 +79,7 @@ def test_reference_encoders_match_llama_quantize_byte_for_byte(mix, demo_files, 
     ours = demo_files.get(mix) or tmp_path / "ours.gguf"
     if mix not in demo_files:
         quantize(demo_model_dir, QuantConfig(format="gguf", gguf_type=mix), ours, progress=False)
-    a, b = check_gguf(ours), check_gguf(theirs)
-    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
-    assert set(ta) == set(tb)
-    ma, mb = np.memmap(ours, dtype=np.uint8, mode="r"), np.memmap(theirs, dtype=np.uint8, mode="r")
-    for name, x in ta.items():
-        y = tb[name]
-        assert (x.type, x.shape) == (y.type, y.shape), name
-        assert np.array_equal(ma[a.data_offset + x.offset:][:x.nbytes], mb[b.data_offset + y.offset:][:y.nbytes]), name
-    assert a.metadata["general.file_type"] == b.metadata["general.file_type"]
+    assert_same_tensors(ours, theirs)
 
 
 @pytest.mark.parametrize("family", sorted(set(FAMILY_EXTRA) - NO_GGUF))
@@ -118,11 +123,4 @@ def test_expert_files_match_llama_quantize_byte_for_byte(family, experts, mix, l
     subprocess.run([str(llama_bin / "llama-quantize"), str(f32), str(theirs), mix, "2"], check=True,
                    capture_output=True)
     quantize(src, QuantConfig(format="gguf", gguf_type=mix), ours, progress=False)
-    a, b = check_gguf(ours), check_gguf(theirs)
-    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
-    assert set(ta) == set(tb)
-    ma, mb = np.memmap(ours, dtype=np.uint8, mode="r"), np.memmap(theirs, dtype=np.uint8, mode="r")
-    for name, x in ta.items():
-        y = tb[name]
-        assert (x.type, x.shape) == (y.type, y.shape), name
-        assert np.array_equal(ma[a.data_offset + x.offset:][:x.nbytes], mb[b.data_offset + y.offset:][:y.nbytes]), name
+    assert_same_tensors(ours, theirs)
