@@ -175,11 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
 
     p = sub.add_parser("push", help="upload a packed folder or GGUF file to the Hugging Face Hub, with its card",
-                       description="Upload PATH (a packed folder or a GGUF file) to the Hub repo REPO_ID in one commit, "
+                       description="Upload PATH (a packed folder, a GGUF file, or a folder of GGUF files) to the Hub "
+                                   "repo REPO_ID in one commit, "
                                    "with a fresh model card (README.md). The repo is created if needed; the token is "
                                    "HF_TOKEN or the saved login (`hf auth login`), never printed. The checkpoint is "
                                    "validated first and only read.")
-    p.add_argument("path", metavar="PATH")
+    p.add_argument("path", metavar="PATH", help="what `llmquant quantize` wrote (--out)")
     p.add_argument("repo_id", metavar="REPO_ID", help="user/name or org/name")
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--revision", help="branch to commit to (default: main)")
