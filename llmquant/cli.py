@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seqlen", type=int, default=2048,
                    help="tokens per calibration sample, capped at the model's context (default: 2048)")
     q.add_argument("--seed", type=int, default=0, help="seed for sampling calibration windows (default: 0)")
+    q.add_argument("--expert-min-tokens", type=int, metavar="N",
+                   help="mixtures of experts: an expert the router sends fewer calibration tokens is observed on "
+                        "every token instead (0: only experts no token reaches; default: as many as its linears "
+                        "have inputs)")
     gq = q.add_argument_group("GPTQ")
     gq.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                     help="solve columns by decreasing Hessian diagonal; much better quality at no cost "

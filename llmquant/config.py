@@ -38,6 +38,8 @@ class QuantConfig:
     refit_scales: bool = True  # after the column updates, the least-squares scales for the codes chosen
     tune_iters: int = 0  # steps of block-wise tuning of the rounding after GPTQ (0: none; see quant/tune.py)
     tune_samples: int = 4  # calibration samples per tuning step
+    # mixtures of experts: an expert routed fewer calibration tokens is observed on every token
+    expert_min_tokens: int | None = None  # None: as many as its linears have inputs (a full-rank Hessian)
     # AWQ
     duo_scaling: bool = True  # candidate scales mean|x|^a / mean|w|^(1-a), not mean|x|^a alone
     awq_clip: bool | None = None  # clip each group after the scales; None: the method's default, see awq_clip_mode
@@ -68,6 +70,8 @@ class QuantConfig:
             raise UserError("--act-order and --static-groups belong to --method gptq or awq+gptq")
         if self.float_targets and not self.method.endswith("gptq"):
             raise UserError("--float-targets belongs to --method gptq or awq+gptq")
+        if self.expert_min_tokens is not None and self.expert_min_tokens < 0:
+            raise UserError("--expert-min-tokens must be 0 or more")
         if self.tune_iters < 0 or self.tune_samples < 1:
             raise UserError("--tune-iters must be 0 or more and --tune-samples 1 or more")
         if self.tune_iters and not self._gptq_on_grid():

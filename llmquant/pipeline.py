@@ -66,7 +66,7 @@ def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: boo
         try:
             run_layers(checkpoint.model, adapter, solver, set(plan.targets), samples, config.device,
                        progress=progress, workdir=workdir, sink=sink, checkpoint=checkpoint, budget=budget,
-                       spill_dir=spill)
+                       spill_dir=spill, expert_min_tokens=config.expert_min_tokens)
             sink.finish({"method": config.method, "linears": solver.report} if solver.report else None)
         except BaseException:
             sink.abort()

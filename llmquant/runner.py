@@ -156,11 +156,13 @@ def _observe(block, observed, names, observer, tails, tail_inputs, inputs, batch
     return held
 
 
-def _observe_experts(block, prefix, groups, solver, targets, inputs, batch) -> dict[str, tuple]:
+def _observe_experts(block, prefix, groups, solver, targets, inputs, batch,
+                     min_tokens: int | None = None) -> dict[str, tuple]:
     """Every expert's group observed from the tokens the router sends it, all in one pass; an expert sent
-    fewer tokens than its linears have inputs (too few for a well-conditioned Hessian, none at all
-    included) is observed again on every calibration token, in a second pass for observation only (the
-    block's propagated output keeps the real routing). Returns linear -> (observer, what it saw)."""
+    fewer than `min_tokens` (default: as many as its linears have inputs, the least for a full-rank
+    Hessian; none at all included) is observed again on every calibration token, in a second pass for
+    observation only (the block's propagated output keeps the real routing). Returns linear -> (observer,
+    what it saw)."""
     groups = [[n for n in g if prefix + n in targets] for g in groups]
     groups = [g for g in groups if g]
     if not solver.calibrated:
@@ -193,7 +195,8 @@ def _observe_experts(block, prefix, groups, solver, targets, inputs, batch) -> d
         return observers, tokens
 
     observers, tokens = one_pass(range(len(groups)), everything=False)
-    short = [i for i in tokens if tokens[i] < block.get_submodule(groups[i][0]).in_features]
+    least = {i: block.get_submodule(groups[i][0]).in_features if min_tokens is None else min_tokens for i in tokens}
+    short = [i for i in tokens if tokens[i] < least[i] or tokens[i] == 0]
     routed = dict(tokens)
     if short:
         again, all_tokens = one_pass(short, everything=True)
@@ -204,7 +207,8 @@ def _observe_experts(block, prefix, groups, solver, targets, inputs, batch) -> d
 
 
 def _solve_block(block: nn.Module, prefix: str, adapter: ArchAdapter, solver: Solver, targets: set[str],
-                 inputs: BlockInputs | None, batch: int | None, compute_dtype: torch.dtype) -> dict:
+                 inputs: BlockInputs | None, batch: int | None, compute_dtype: torch.dtype,
+                 expert_min_tokens: int | None = None) -> dict:
     """Quantize one block's target linears group by group, then (calibrated) propagate the samples."""
     block_results, solved, held = {}, set(), 0
     tails = {f"{child}.{linear}" for child, (linear, _) in adapter.tails.items()}
@@ -217,7 +221,8 @@ def _solve_block(block: nn.Module, prefix: str, adapter: ArchAdapter, solver: So
     try:
         for stage in stages(adapter.sequential):
             if len(stage) > 1:  # experts: every group observed in one pass
-                observed_by = _observe_experts(block, prefix, stage, solver, targets, inputs, batch)
+                observed_by = _observe_experts(block, prefix, stage, solver, targets, inputs, batch,
+                                               expert_min_tokens)
             else:
                 names = [n for n in stage[0] if prefix + n in targets]
                 observer = None
@@ -280,7 +285,7 @@ class Collected(dict):
 def run_layers(model: nn.Module, adapter: ArchAdapter, solver: Solver, targets: set[str],
                samples: torch.Tensor | None = None, device: str | torch.device = "cpu",
                batch_tokens: int = BATCH_TOKENS, progress: bool = True, workdir=None, sink=None, checkpoint=None,
-               budget=None, spill_dir=None):
+               budget=None, spill_dir=None, expert_min_tokens: int | None = None):
     """Quantize the linears named in `targets` (full names), block by block, and hand each finished block to
     `sink` (`write_block(index, quantized, floats)`: its QuantizedWeights on CPU, and its other parameters
     in the model's dtype). Returns the sink; by default a `Collected` dict of the quantized weights.
@@ -291,7 +296,8 @@ def run_layers(model: nn.Module, adapter: ArchAdapter, solver: Solver, targets: 
     so it behaves as the packed model will. With a `workdir` (resume.WorkDir), each finished block is
     recorded durably, and blocks already recorded there are handed to the sink instead of solved again.
     With a `budget` (memory.Budget), the calibration activations stay in memory only while they fit in it;
-    otherwise they are memory-mapped files in `spill_dir`.
+    otherwise they are memory-mapped files in `spill_dir`. An expert routed fewer than `expert_min_tokens`
+    calibration tokens (None: its linears' input width) is observed on every token.
     """
     device = torch.device(device)
     sink = Collected() if sink is None else sink
@@ -332,7 +338,8 @@ def run_layers(model: nn.Module, adapter: ArchAdapter, solver: Solver, targets: 
                 state = workdir.load_state(done - 1)
                 for name, stream in _streams(inputs).items():
                     stream.copy_(state[name])
-    run = _Run(adapter, solver, targets, inputs, batch, device, compute_dtype, model_dtype, workdir, sink, checkpoint)
+    run = _Run(adapter, solver, targets, inputs, batch, device, compute_dtype, model_dtype, workdir, sink, checkpoint,
+               expert_min_tokens)
     with tqdm(total=len(blocks), desc="quantizing", unit="block", disable=not progress, initial=done) as bar:
         for index in range(done, len(blocks)):
             _quantize_block(blocks[index], index, run)
@@ -357,6 +364,7 @@ class _Run:
     workdir: object
     sink: object
     checkpoint: object
+    expert_min_tokens: int | None = None
 
 
 def _quantize_block(block: nn.Module, index: int, run: _Run) -> None:
@@ -371,7 +379,7 @@ def _quantize_block(block: nn.Module, index: int, run: _Run) -> None:
         if hasattr(run.solver, "prepare_block"):  # e.g. AWQ: search and fold scales before anything is rounded
             run.solver.prepare_block(block, prefix, run.inputs, run.batch)
         results = _solve_block(block, prefix, run.adapter.for_block(index), run.solver, run.targets, run.inputs,
-                               run.batch, run.compute_dtype)
+                               run.batch, run.compute_dtype, run.expert_min_tokens)
     floats = {prefix + n: p.detach().to(device="cpu", dtype=run.model_dtype) for n, p in block.named_parameters()
               if not (n.endswith(".weight") and prefix + n.removesuffix(".weight") in results)}
     stored = block.state_dict(keep_vars=True)  # persistent buffers are checkpoint tensors too (DeepSeek's router bias)

@@ -207,9 +207,17 @@ def test_an_expert_no_token_is_routed_to_is_observed_on_every_token(family_dirs,
         return logits, weights, index
 
     monkeypatch.setattr(modeling_mixtral.MixtralTopKRouter, "forward", never_three)
-    config = QuantConfig(method="gptq", bits=4, group_size=32, calib=str(calib), n_samples=4, seqlen=48)
-    quantize(family_dirs["mixtral"], config, tmp_path / "q", progress=False)
-    report = json.loads((tmp_path / "q/quant_report.json").read_text())["linears"]
+
+    def report_with(least):
+        config = QuantConfig(method="gptq", bits=4, group_size=32, calib=str(calib), n_samples=4, seqlen=48,
+                             expert_min_tokens=least)
+        quantize(family_dirs["mixtral"], config, tmp_path / f"q{least}", progress=False)
+        return json.loads((tmp_path / f"q{least}/quant_report.json").read_text())["linears"]
+
+    for least, fallen in ((0, {3}), (10**6, {0, 1, 2, 3})):  # the threshold is the user's to move
+        seen = report_with(least)
+        assert {e for e in range(4) if seen[f"model.layers.0.mlp.experts.{e}.w1"]["expert_fallback"]} == fallen
+    report = report_with(None)
     tokens = 4 * 48
     for i in range(2):
         for leaf in ("w1", "w3", "w2"):
@@ -218,7 +226,7 @@ def test_an_expert_no_token_is_routed_to_is_observed_on_every_token(family_dirs,
         busy = report[f"model.layers.{i}.mlp.experts.0.w1"]
         assert busy["tokens_routed"] >= 64 and not busy["expert_fallback"]
         assert busy["tokens_routed"] == busy["tokens_observed"]
-    loaded = llmquant.load(tmp_path / "q")  # scales are checked finite as they are read
+    loaded = llmquant.load(tmp_path / "qNone")  # scales are checked finite as they are read
     expert = loaded.model.layers[0].mlp.experts[3]
     assert all(isinstance(getattr(expert, leaf), llmquant.nn.QuantLinear) for leaf in ("w1", "w3", "w2"))
     assert torch.isfinite(expert.w1.dequantize_weight()).all()
