@@ -101,6 +101,8 @@ def _snippets(repo: str, s: dict) -> list[str]:
     return ["transformers (its GPTQ/AWQ support needs `gptqmodel` and `optimum` installed):", "", "```python",
             "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
             f"model = AutoModelForCausalLM.from_pretrained(\"{repo}\", device_map=\"auto\")",
+            *([f"# where the default kernel refuses a width (not a multiple of the group size), add "
+               f"quantization_config=GPTQConfig(bits={s['bits']}, backend=\"torch\")"] if s["format"] == "gptq" else []),
             f"tokenizer = AutoTokenizer.from_pretrained(\"{repo}\")", "```", "", "llmquant:", "", "```python",
             "import llmquant", "", f"model, tokenizer = llmquant.load_any(\"{repo}\")", "```"]
 

@@ -197,3 +197,15 @@ def test_a_folder_of_gguf_files_goes_up_as_one_repo(hub, tmp_path):
     card = state["files"]["README.md"].decode()
     assert "library_name: gguf" in card and "Q4_K_M, Q8_0" in card and "base_model: me/tiny" in card
     assert "- Q8_0" in card and "- Q4_K_M" in card
+
+
+def test_the_cards_llmquant_snippet_runs(packed):
+    """The card's llmquant loading snippet, executed with the local folder for the repo id, loads the model."""
+    import re
+
+    text = (packed / "README.md").read_text()
+    snippet = re.findall(r"```python\n(.*?)```", text, re.S)[-1]
+    assert "llmquant.load_any" in snippet
+    scope = {}
+    exec(snippet.replace('"REPO_ID"', repr(str(packed))), scope)
+    assert type(scope["model"]).__name__ == "LlamaForCausalLM" and scope["tokenizer"] is not None
