@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 import sys
 from dataclasses import dataclass
 from typing import Protocol
@@ -27,6 +26,7 @@ from .activations import (BATCH_TOKENS, BlockInputs, Captured, Replay, budgeted_
                           forward_block, in_memory)
 from .memory import solving
 from .models.adapters import ArchAdapter
+from .models.experts import expert_of, merged_name
 from .numerics.grid import QuantizedWeight
 
 
@@ -115,16 +115,13 @@ def _write_back(linear: nn.Linear, qw: QuantizedWeight, dtype: torch.dtype) -> N
         linear.weight.copy_(qw.dequantize(dtype).to(linear.weight.device))
 
 
-EXPERT = re.compile(r"^(.*)\.(\d+)\.[^.]+$")  # mlp.experts.3.gate_proj -> (mlp.experts, 3)
-
-
-def stages(groups) -> list[list[tuple[str, ...]]]:
+def _stages(groups) -> list[list[tuple[str, ...]]]:
     """The forward passes a block's groups are observed in: consecutive groups that differ only in an
     expert's index (every expert's gate/up, then every down) share one pass; any other group has its own."""
     out, keys = [], []
     for group in groups:
-        key = tuple(EXPERT.sub(r"\1.*", n) if EXPERT.match(n) else n for n in group)
-        if out and keys[-1] == key and any(EXPERT.match(n) for n in group):
+        key = tuple(merged_name(n) for n in group)
+        if out and keys[-1] == key and any(expert_of(n) for n in group):
             out[-1].append(group)
         else:
             out.append([group])
@@ -182,9 +179,9 @@ def _observe_experts(block, prefix, groups, solver, targets, inputs, batch,
                 tokens[i] += args[0].numel() // args[0].shape[-1]
             hooks.append(block.get_submodule(groups[i][0]).register_forward_pre_hook(hook))
             if everything:
-                path, index = EXPERT.match(groups[i][0]).groups()
+                path, index, _ = expert_of(groups[i][0])
                 lists.add(block.get_submodule(path))
-                block.get_submodule(path).observe_all.add(int(index))
+                block.get_submodule(path).observe_all.add(index)
         try:
             forward_block(block, inputs, batch, update=False)
         finally:
@@ -219,7 +216,7 @@ def _solve_block(block: nn.Module, prefix: str, adapter: ArchAdapter, solver: So
         if getattr(solver, "float_targets", False):
             observed = reference  # observers also get the float model's input of each linear
     try:
-        for stage in stages(adapter.sequential):
+        for stage in _stages(adapter.sequential):
             if len(stage) > 1:  # experts: every group observed in one pass
                 observed_by = _observe_experts(block, prefix, stage, solver, targets, inputs, batch,
                                                expert_min_tokens)

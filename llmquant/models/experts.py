@@ -9,6 +9,7 @@ device the fused parameters are on (the meta device of a streamed skeleton costs
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -17,11 +18,27 @@ from torch import nn
 from ..errors import UserError
 
 
+_EXPERT = re.compile(r"^(.*\.experts|experts)\.(\d+)\.(.+)$")
+
+
+def expert_of(name: str) -> tuple[str, int, str] | None:
+    """'model.layers.3.mlp.experts.5.gate_proj.weight' -> ('model.layers.3.mlp.experts', 5, 'gate_proj.weight');
+    None for a name outside the experts. The one place that knows how an expert's index sits in a name."""
+    match = _EXPERT.match(name)
+    return (match.group(1), int(match.group(2)), match.group(3)) if match else None
+
+
+def merged_name(name: str) -> str:
+    """The name without its expert index: what all experts' copies of one projection share."""
+    expert = expert_of(name)
+    return name if expert is None else f"{expert[0]}.{expert[2]}"
+
+
 @dataclass(frozen=True)
 class ExpertLayout:
     """Where a family keeps its experts and what its checkpoints call their projections."""
 
-    path: str = "mlp.experts"  # the fused experts module, relative to a block
+    path: str = "mlp.experts"  # the fused experts module, relative to a block (its name ends in "experts": expert_of)
     leaves: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # per-expert names on disk
     router: str = "mlp.gate"  # the router (kept in float), which reads what the experts read
 

@@ -7,7 +7,6 @@ same metadata llama.cpp does.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +18,8 @@ from .mixes import MIXES
 from ...numerics.ggml import CODECS
 from .validate import GGUFSummary, check_gguf
 from ...models.adapters import adapter_for
+from ...models.experts import expert_of
 from .writer import PERMUTED, arch_of, gguf_name, heads_of, unpermute_rows
-
-EXPERT = re.compile(r"\.experts\.(\d+)\.")
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -100,9 +98,9 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
         if name not in decoded:
             decoded = {name: _tensor(mm, summary, by_name[name])}  # experts: decoded once for all of them
         values = decoded[name]
-        expert = EXPERT.search(adapter.to_disk(hf)) if adapter.n_experts else None
-        if expert is not None:
-            values = values[int(expert.group(1))]
+        expert = expert_of(hf)
+        if expert is not None:  # one expert's slice of the 3D tensor
+            values = values[expert[1]]
         require_finite(values, path, name)
         heads = heads_of(hf, config)
         if heads is not None and arch in PERMUTED:

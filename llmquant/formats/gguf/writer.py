@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 
 from ...errors import UserError
 from ...models.adapters import ADAPTERS, ArchAdapter
+from ...models.experts import merged_name
 from ...numerics.ggml import CODECS
 
 # archs whose rotary q/k rows llama.cpp expects interleaved (the others rotate halves, as transformers does)
@@ -66,16 +66,10 @@ def _name_map(arch: gguf.MODEL_ARCH, n_blocks: int) -> gguf.TensorNameMap:
     return gguf.get_tensor_name_map(arch, n_blocks)  # builds thousands of patterns: once per model
 
 
-EXPERT_INDEX = re.compile(r"\.experts\.\d+\.")
-
-
-def gguf_name(hf_name: str, arch: gguf.MODEL_ARCH, n_blocks: int, adapter: ArchAdapter | None = None) -> str:
+def gguf_name(hf_name: str, arch: gguf.MODEL_ARCH, n_blocks: int, adapter: ArchAdapter) -> str:
     """'model.layers.3.self_attn.v_proj.weight' -> 'blk.3.attn_v.weight'. Every expert's projection maps to
     the one 3D tensor llama.cpp keeps all experts of a block in ('blk.3.ffn_gate_exps.weight')."""
-    if adapter is not None:
-        hf_name = adapter.to_disk(hf_name)
-        if adapter.experts is not None:
-            hf_name = EXPERT_INDEX.sub(".experts.", hf_name)
+    hf_name = merged_name(adapter.to_disk(hf_name))
     base, _, suffix = hf_name.rpartition(".")
     if suffix.endswith("_bias"):  # DeepSeek's router bias: mlp.gate.e_score_correction_bias
         base, suffix = f"{base}.{suffix.removesuffix('_bias')}", "bias"
