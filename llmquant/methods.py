@@ -12,7 +12,8 @@ from .quant.tune import TuneSpec
 
 def make_solver(config: QuantConfig, spec: QuantSpec, scaling_pairs=(), targets: set[str] | None = None,
                 inner=None):
-    """The runner's solver for config.method; AWQ needs the family's scaling pairs and the linears quantized.
+    """The runner's solver for config.method; AWQ needs the family's scaling pairs (or the adapter's `pairs_at`,
+    which gives each block's) and the linears quantized.
     `inner` replaces the solver AWQ hands its scaled weights to (a GGUF file passes its block encoder)."""
     if inner is not None:
         solver = inner

@@ -50,8 +50,7 @@ def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: boo
                         "sends an expert other tokens in the float model than in the quantized one: not supported "
                         f"for mixture-of-experts families ({adapter.family}) yet")
     plan = fmt.plan(checkpoint, config)
-    pairs = adapter.pairs_at if adapter.dense_blocks else adapter.scaling_pairs
-    solver = make_solver(config, config.spec(), pairs, set(plan.targets), inner=plan.grid)
+    solver = make_solver(config, config.spec(), adapter.pairs_at, set(plan.targets), inner=plan.grid)
     check_float_share(plan, config)
     budget = memory_budget(config, checkpoint, solver.calibrated)
     tokenizer = checkpoint.tokenizer()

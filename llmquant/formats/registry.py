@@ -115,16 +115,13 @@ class GGUFFile:
     def plan(self, checkpoint, config) -> Plan:
         from ..quant.ggml_solver import BlockSolver
         from .gguf.mixes import TensorInfo, parse_overrides, tensor_types
-        from .gguf.writer import arch_of, gguf_name
+        from .gguf.writer import arch_of, by_tensor, gguf_name
 
         cfg, shapes = checkpoint.model.config, checkpoint.state_shapes()
         arch = arch_of(checkpoint.adapter)
         names = {hf: gguf_name(hf, arch, cfg.num_hidden_layers, checkpoint.adapter) for hf in shapes}
-        merged: dict[str, list[str]] = {}  # experts: several HF tensors, one GGUF tensor
-        for hf, g in names.items():
-            merged.setdefault(g, []).append(hf)
         infos = [TensorInfo(g, (len(hfs), *shapes[hfs[0]].shape) if len(hfs) > 1 else tuple(shapes[hfs[0]].shape))
-                 for g, hfs in merged.items()]
+                 for g, hfs in by_tensor(names).items()]  # experts: several HF tensors, one 3D GGUF tensor
         n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         types = tensor_types(infos, config.gguf_type, cfg.num_attention_heads // n_kv, checkpoint.tied,
                              has_imatrix=config.method != "rtn", overrides=parse_overrides(config.tensor_types),

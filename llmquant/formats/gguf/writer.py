@@ -79,6 +79,14 @@ def gguf_name(hf_name: str, arch: gguf.MODEL_ARCH, n_blocks: int, adapter: ArchA
     return f"{mapped}.{suffix}"
 
 
+def by_tensor(names: dict[str, str]) -> dict[str, list[str]]:
+    """GGUF name -> the HF tensors it holds, in file order: one, or every expert of a projection (stacked)."""
+    parts: dict[str, list[str]] = {}
+    for hf, g in names.items():
+        parts.setdefault(g, []).append(hf)
+    return parts
+
+
 def permute_rows(rows: torch.Tensor | np.ndarray, heads: int):
     """HF keeps each head's rotary halves apart ([x0..x31, y0..y31]); llama.cpp's LLAMA rope wants the
     pairs adjacent ([x0, y0, x1, y1, ...]). Works on float rows and on encoded block rows alike."""
@@ -261,9 +269,7 @@ class GGUFSink:
                  file_type: int, read, outside: set[str]):
         self.config, self.names, self.types, self.read, self.outside = config, names, types, read, outside
         self.adapter, self.arch = adapter, arch_of(adapter)
-        self.parts: dict[str, list[str]] = {}  # GGUF name -> its HF tensors (several: the experts, in order)
-        for hf, g in names.items():
-            self.parts.setdefault(g, []).append(hf)
+        self.parts = by_tensor(names)
         self.order = list(self.parts)  # GGUF names in file order
         self.ready: dict[str, torch.Tensor] = {}
         self.params = sum(state[hf].numel() for hf in names)
