@@ -9,6 +9,7 @@ device the fused parameters are on (the meta device of a streamed skeleton costs
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 
@@ -80,10 +81,15 @@ class ExpertList(nn.ModuleList):
             for e in sorted(self.observe_all):
                 self[e](hidden_states)
             return out
-        for e, expert in enumerate(self):
-            tokens, slot = torch.where(top_k_index == e)
-            if tokens.numel():
-                y = expert(hidden_states[tokens]) * top_k_weights[tokens, slot, None]
+        # one sort groups the (token, slot) choices by expert; only the experts chosen run
+        k = top_k_index.shape[-1]
+        order = torch.argsort(top_k_index.reshape(-1), stable=True)
+        counts = torch.bincount(top_k_index.reshape(-1), minlength=len(self)).tolist()
+        for e, (start, n) in enumerate(zip([0, *itertools.accumulate(counts)], counts[:len(self)])):
+            if n:
+                chosen = order[start:start + n]
+                tokens, slot = chosen // k, chosen % k
+                y = self[e](hidden_states[tokens]) * top_k_weights[tokens, slot, None]
                 out.index_add_(0, tokens, y.to(out.dtype))
         return out
 
