@@ -55,6 +55,12 @@ def _move(value, device, dtype, memo: dict):
     return value
 
 
+def block_arguments(kwargs: dict, device, dtype, memo: dict | None = None) -> dict:
+    """What a block was called with, minus the caching switches, on `device` (floating tensors in `dtype`)."""
+    drop = {"past_key_values", "past_key_value", "use_cache", "output_attentions"}
+    return {k: _move(v, device, dtype, {} if memo is None else memo) for k, v in kwargs.items() if k not in drop}
+
+
 @dataclass
 class BlockInputs:
     """The calibration activations entering a block. They live on the host (in memory or memory-mapped)
@@ -114,9 +120,8 @@ def capture_inputs(model: nn.Module, adapter: ArchAdapter, samples: torch.Tensor
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
-    drop = {"past_key_values", "past_key_value", "use_cache", "output_attentions"}
     memo = {}
-    block_kwargs = [{k: _move(v, device, dtype, memo) for k, v in kw.items() if k not in drop} for kw in block_kwargs]
+    block_kwargs = [block_arguments(kw, device, dtype, memo) for kw in block_kwargs]
     return BlockInputs(hidden, block_kwargs[0], mapped=mapped, device=device, block_kwargs=block_kwargs)
 
 

@@ -192,8 +192,8 @@ def _observe_experts(block, prefix, groups, solver, targets, inputs, batch,
         return observers, tokens
 
     observers, tokens = one_pass(range(len(groups)), everything=False)
-    least = {i: block.get_submodule(groups[i][0]).in_features if min_tokens is None else min_tokens for i in tokens}
-    short = [i for i in tokens if tokens[i] < least[i] or tokens[i] == 0]
+    least = block.get_submodule(groups[0][0]).in_features if min_tokens is None else min_tokens
+    short = [i for i in tokens if tokens[i] < max(least, 1)]  # an expert no token reached, always
     routed = dict(tokens)
     if short:
         again, all_tokens = one_pass(short, everything=True)

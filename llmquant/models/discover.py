@@ -56,7 +56,7 @@ def find_blocks(model: nn.Module, family: str) -> str:
 def _block_kwargs(model: nn.Module, blocks: nn.ModuleList, width: int) -> dict:
     """The keyword arguments the model hands block 0 (mask, rotary tables), moved to the meta device. The
     model runs on the CPU from zero input embeddings up to block 0: only its buffers, which are real, count."""
-    from ..activations import Captured, Catcher, _move
+    from ..activations import Captured, Catcher, block_arguments
 
     first, recorded = blocks[0], [None]
     blocks[0] = Catcher(first, 0, recorded)
@@ -66,8 +66,7 @@ def _block_kwargs(model: nn.Module, blocks: nn.ModuleList, width: int) -> dict:
         pass
     finally:
         blocks[0] = first
-    drop = {"past_key_values", "past_key_value", "use_cache", "output_attentions"}
-    return {k: _move(v, "meta", torch.float32, {}) for k, v in recorded[0].items() if k not in drop}
+    return block_arguments(recorded[0], "meta", torch.float32)
 
 
 class _Trace:
