@@ -112,8 +112,8 @@ def write_card(directory: Path) -> None:
     (Path(directory) / "README.md").write_text(str(model_card(Path(directory))), encoding="utf-8")
 
 
-def check_destination(repo_id: str) -> None:
-    """Before any long work: the repo id is well formed and a token is there to push with."""
+def check_destination(repo_id: str, token: bool = True) -> None:
+    """Before any long work: the repo id is well formed and (with `token`) a token is there to push with."""
     from huggingface_hub import get_token
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -123,7 +123,7 @@ def check_destination(repo_id: str) -> None:
             raise HFValidationError("it needs a namespace")
     except HFValidationError as err:
         raise UserError(f"'{repo_id}' is not a Hub repo id like user/name ({str(err).splitlines()[0]})") from None
-    if not get_token():
+    if token and not get_token():
         raise UserError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
 
 
@@ -145,8 +145,7 @@ def push(path: str | Path, repo_id: str, private: bool = False, revision: str | 
     path = Path(path)
     if not path.exists():
         raise UserError(f"no such checkpoint: {path}")
-    if not dry_run:
-        check_destination(repo_id)
+    check_destination(repo_id, token=not dry_run)
     card = model_card(path, repo_id, license, base_model)  # validates the checkpoint as inspect does
     if not card.data.license:
         raise UserError(f"the license of {path} cannot be determined from its base model's card: pass --license "
