@@ -1,9 +1,9 @@
-"""Triton dequant-matmul for the gptq (v1) packed layout: y = x @ W^T with W rebuilt in registers.
+"""Triton dequant-matmul for the gptq packed layout (v1 and v2): y = x @ W^T with W rebuilt in registers.
 
 Layout (see REFERENCE.md): qweight int32 [ceil(in*bits/32), out], a little-endian bit stream along
 the input dimension (3-bit: 32 inputs fill 3 words, two of them straddle words); qzeros int32
 [groups, ceil(out*bits/32)], the same stream along the output dimension, each field holding
-zero - 1; scales [groups, out]; g_idx int32 [in]. W[o, i] = (q[i, o] - zero[g, o]) * scale[g, o]
+zero - 1 (v1) or the zero itself (gptq_v2); scales [groups, out]; g_idx int32 [in]. W[o, i] = (q[i, o] - zero[g, o]) * scale[g, o]
 with g = g_idx[i]. Weights are read once, packed.
 
 Kernels. `_gemv_kernel` (M == 1) multiplies and adds in fp32 on the CUDA cores; each thread owns
@@ -104,7 +104,7 @@ def _unpack(qweight_ptr, stride_q, q_rows, k0, offs_n, mask_n, magic, BITS: tl.c
 
 @triton.jit
 def _scale_zero(scales_ptr, qzeros_ptr, g_idx_ptr, stride_s, stride_z, k0, offs_k, mask_k, offs_n, mask_n,
-                BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ONE_GROUP: tl.constexpr):
+                BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ONE_GROUP: tl.constexpr, ZERO_OFFSET: tl.constexpr):
     """Scale (fp32) and zero point (int32) for inputs offs_k and outputs offs_n, broadcast together.
 
     GROUP_SIZE > 0: groups are contiguous runs of that many inputs, and with ONE_GROUP (no K tile
@@ -127,18 +127,19 @@ def _scale_zero(scales_ptr, qzeros_ptr, g_idx_ptr, stride_s, stride_z, k0, offs_
         hi = tl.load(zero_row + (start >> 5) + 1, mask=mask & ((start & 31) + BITS > 32), other=0)
     else:
         hi = lo
-    return scale, _field(lo, hi, start & 31, BITS) + 1  # v1 stores zero - 1
+    return scale, _field(lo, hi, start & 31, BITS) + ZERO_OFFSET  # v1 stores zero - 1, v2 the zero
 
 
 @triton.jit
 def _dequant_parts(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, stride_q, stride_z, stride_s, q_rows, k0, offs_k,
-                   K, offs_n, mask_n, magic, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
+                   K, offs_n, mask_n, magic, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr,
+                   ZERO_OFFSET: tl.constexpr):
     """A K tile of W as the product of d = (q - zero) * 2^p (exact), unit = 2^-p and scale, each
     broadcastable to [BLOCK_K // VPG, VPG, BLOCK_N]; offs_k from _tile_inputs."""
     ONE_GROUP: tl.constexpr = GROUP_SIZE > 0 and GROUP_SIZE % BLOCK_K == 0
     f, p = _unpack(qweight_ptr, stride_q, q_rows, k0, offs_n, mask_n, magic, BITS, BLOCK_K)
     scale, zero = _scale_zero(scales_ptr, qzeros_ptr, g_idx_ptr, stride_s, stride_z, k0, offs_k, offs_k < K,
-                              offs_n[None, None, :], mask_n[None, None, :], BITS, GROUP_SIZE, ONE_GROUP)
+                              offs_n[None, None, :], mask_n[None, None, :], BITS, GROUP_SIZE, ONE_GROUP, ZERO_OFFSET)
     d = f - ((zero << p) | magic).to(tl.float32, bitcast=True)
     unit = ((127 - p) << 23).to(tl.float32, bitcast=True)
     return d, unit, scale
@@ -176,7 +177,7 @@ def _write(acc, y_ptr, ws_ptr, counter_ptr, tile, offs_m, offs_n, mask, N, strid
 @triton.jit
 def _gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, y_ptr, ws_ptr, counter_ptr,
                  M, N, K, q_rows, stride_x, stride_q, stride_z, stride_s, stride_y, M_BUCKET, magic,
-                 BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                 BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     # Tiles stay 3-D throughout (no reshape) and x is loaded first: either change lets the compiler
     # pick a layout that moves whole weight tiles through shared memory and spills.
@@ -190,7 +191,8 @@ def _gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, y_ptr, w
         offs_k = _tile_inputs(k0, BITS, BLOCK_K)
         x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0).to(tl.float32)
         d, unit, scale = _dequant_parts(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, stride_q, stride_z, stride_s,
-                                        q_rows, k0, offs_k, K, offs_n, mask_n, magic, BITS, GROUP_SIZE, BLOCK_K)
+                                        q_rows, k0, offs_k, K, offs_n, mask_n, magic, BITS, GROUP_SIZE, BLOCK_K,
+                                        ZERO_OFFSET)
         if GROUP_SIZE > 0 and GROUP_SIZE % BLOCK_K == 0:  # unit varies by slot only, scale by column only
             acc += tl.sum(tl.sum(d * x, axis=0, keep_dims=True) * unit, axis=1, keep_dims=True) * scale
         else:
@@ -202,7 +204,7 @@ def _gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, y_ptr, w
 @triton.jit
 def _gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, y_ptr, ws_ptr, counter_ptr,
                  M, N, K, q_rows, stride_x, stride_q, stride_z, stride_s, stride_y, M_BUCKET, magic,
-                 BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, DOT_F32: tl.constexpr,
+                 BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr, DOT_F32: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                  SPLIT_K: tl.constexpr):
     # tiles in bands of GROUP_M rows of blocks, so programs running together share weight tiles in L2
@@ -227,7 +229,7 @@ def _gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, y_ptr, w
         x = tl.load(x_ptr + offs_m * stride_x + offs_k, mask=mask_m & (offs_k < K), other=0)
         d, unit, scale = _dequant_parts(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, stride_q, stride_z, stride_s,
                                         q_rows, k0, _tile_inputs(k0, BITS, BLOCK_K), K, offs_n, mask_n, magic, BITS,
-                                        GROUP_SIZE, BLOCK_K)
+                                        GROUP_SIZE, BLOCK_K, ZERO_OFFSET)
         w = tl.reshape(d * (unit * scale), (BLOCK_K, BLOCK_N)).to(x.dtype)
         if DOT_F32:  # the interpreter multiplies bf16 bit patterns as integers; the operands stay bf16-rounded
             acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc)
@@ -398,12 +400,15 @@ def _check(x, qweight, qzeros, scales, g_idx, bits, group_size) -> tuple[int, in
 
 def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                 g_idx: torch.Tensor | None, bits: int, group_size: int,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, zero_offset: int = 1) -> torch.Tensor:
     """y [..., out] = x [..., in] @ W^T for a gptq-packed W, in x's dtype (float16 or bfloat16).
 
     g_idx None means contiguous groups (i // group_size); group_size -1 means one group per
-    output channel. `out`, if given, is a contiguous [..., out] tensor of x's dtype to write."""
+    output channel. `out`, if given, is a contiguous [..., out] tensor of x's dtype to write. qzeros hold
+    zero - zero_offset: 1 for gptq (v1) checkpoints, 0 for gptq_v2."""
     M, N, K = _check(x, qweight, qzeros, scales, g_idx, bits, group_size)
+    if zero_offset not in (0, 1):
+        raise ValueError(f"zero_offset must be 1 (gptq v1) or 0 (gptq_v2), got {zero_offset}")
     lead = x.shape[:-1]
     if out is None:
         out = torch.empty(*lead, N, dtype=x.dtype, device=x.device)
@@ -437,5 +442,6 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
     extra = {"DOT_F32": INTERPRETED and x.dtype == torch.bfloat16} if "DOT_F32" in launch.arg_names else {}
     launch[grid](x2, qweight, qzeros, scales, g_idx, y2, ws, cnt,
                  M, N, K, qweight.shape[0], x2.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0),
-                 y2.stride(0), _next_power_of_2(M), _MAGIC, BITS=bits, GROUP_SIZE=mode, **extra)
+                 y2.stride(0), _next_power_of_2(M), _MAGIC, BITS=bits, GROUP_SIZE=mode, ZERO_OFFSET=zero_offset,
+                 **extra)
     return out

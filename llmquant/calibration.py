@@ -32,6 +32,7 @@ import torch
 from .errors import UserError
 
 SELF = "self"
+DEFAULT_RECIPE = "wikitext2"  # what a calibrated run reads when --calib is not given and the Hub answers
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 TEXT_FIELD = "text"
 DOCUMENT_JOIN = "\n\n"
@@ -119,6 +120,10 @@ def _read_file(path: Path) -> str:
     return _read_table_text(path)
 
 
+class HubUnavailable(UserError):
+    """A recipe's dataset could not be read from the Hub (offline, unreachable, no cached copy)."""
+
+
 def _hub_reachable(endpoint: str) -> bool:
     """One quick HEAD request: `load_dataset` itself retries for tens of seconds before giving up."""
     try:
@@ -135,7 +140,7 @@ def _hub_text(recipe_name: str, recipe: Recipe, split: str) -> str:
     from datasets.exceptions import DatasetNotFoundError
 
     def unavailable(reason: str) -> UserError:
-        return UserError(f"calibration dataset {recipe_name!r} ({recipe.path}) could not be downloaded from the "
+        return HubUnavailable(f"calibration dataset {recipe_name!r} ({recipe.path}) could not be downloaded from the "
                          f"Hugging Face Hub ({reason}); use a local .txt/.jsonl/.parquet file or --calib self")
 
     config = datasets.config

@@ -43,10 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a float checkpoint into a packed one", epilog=EPILOG,
                        description="Quantize MODEL layer by layer and write a packed checkpoint to --out.")
     q.add_argument("model", metavar="MODEL")
-    q.add_argument("--method", default="rtn",
-                   help="rtn | gptq | awq (activation-aware scales and clipping, then RTN) | awq+gptq (AWQ "
-                        "scales and clipping, then GPTQ) | imatrix (GGUF: block fits weighted by the mean "
-                        "square of each input column, as llama.cpp's imatrix) (default: rtn)")
+    q.add_argument("--method", default="gptq",
+                   help="gptq (calibrated, the best quality for its time) | rtn (round to nearest: no calibration, "
+                        "fastest; with --format gguf, llama-quantize's own rounding) | awq (activation-aware "
+                        "scales and clipping, then RTN) | awq+gptq (AWQ scales, then GPTQ) | imatrix (GGUF: block "
+                        "fits weighted by the mean square of each input column, as llama.cpp's imatrix) "
+                        "(default: gptq)")
     q.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default: 4)")
     q.add_argument("--group-size", type=int, default=128,
                    help="input columns sharing a scale and zero; -1 = per output channel (default: 128)")
@@ -59,10 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "rounding error (default: mse for gptq and awq+gptq, minmax otherwise)")
     q.add_argument("--calib", default=None,
                    help="calibration text for calibrated methods: a .txt/.jsonl/.parquet file, a dataset recipe "
-                        "(wikitext2, c4, pileval; needs the Hub), or 'self' (the model writes its own)")
+                        "(wikitext2, c4, pileval; needs the Hub), or 'self' (the model writes its own) (default: "
+                        "wikitext2, or self when the Hub is unreachable)")
     q.add_argument("--n-samples", type=int, default=128, help="calibration samples, 1-4096 (default: 128)")
-    q.add_argument("--seqlen", type=int, default=2048,
-                   help="tokens per calibration sample, capped at the model's context (default: 2048)")
+    q.add_argument("--seqlen", type=int, default=512,
+                   help="tokens per calibration sample, capped at the model's context (default: 512)")
     q.add_argument("--seed", type=int, default=0, help="seed for sampling calibration windows (default: 0)")
     q.add_argument("--expert-min-tokens", type=int, metavar="N",
                    help="mixtures of experts: an expert the router sends fewer calibration tokens is observed on "
@@ -114,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--format", default="gptq",
                    help="gptq | awq (AWQ GEMM layout, 4-bit only) | gguf (one llama.cpp file; --bits and "
                         "--group-size then only steer AWQ's search) (default: gptq)")
+    q.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], default="gptq",
+                   help="--format gptq: how qzeros store each zero point. gptq (v1, AutoGPTQ's) stores zero - 1 and "
+                        "cannot hold an asymmetric zero of 0; gptq_v2 stores the zero itself (GPTQModel's own "
+                        "format; vLLM and transformers read v1) (default: gptq)")
     q.add_argument("--out", required=True, help="output directory, or file for --format gguf (written atomically)")
     q.add_argument("--device", default="cpu", help="where blocks are quantized: cpu | cuda (default: cpu)")
     q.add_argument("--max-memory", metavar="SIZE",
@@ -376,15 +383,24 @@ def cmd_inspect(args) -> None:
               f"{info['blocks']} blocks, tokenizer {info['tokenizer']}")
         print(f"  matrices: {types}; {info['quantized_weights']:,} weights, {info['bpw']:.3f} bits per weight")
         print(f"  {info['tensors']} tensors, {info['size_bytes'] / 2**20:.1f} MiB")
+        _print_serving(info["serving"])
         return
-    print(f"{info['path']}: {info['quant_method']} {info['bits']}-bit, group {info['group_size']}, "
-          f"{'sym' if info['sym'] else 'asym'}, desc_act={info['desc_act']}")
+    layout = f", {info['checkpoint_format']}" if info["checkpoint_format"] else ""
+    print(f"{info['path']}: {info['quant_method']}{layout} {info['bits']}-bit, group {info['group_size']}, "
+          f"{'sym' if info['sym'] else 'asym'}, desc_act={info['desc_act']}, static_groups={info['static_groups']}")
     print(f"  {info['quantized_linears']} quantized linears, {info['quantized_weights']:,} weights, "
           f"{info['bpw']:.3f} bits per quantized weight; {info['parameters']:,} parameters, "
           f"{info['bits_per_parameter']:.3f} bits per parameter over the whole checkpoint")
     print(f"  {info['tensors']} tensors in {info['files']} file(s), {info['size_bytes'] / 2**20:.1f} MiB")
     if info["meta"]:
         print(f"  meta: {json.dumps(info['meta'])}")
+    _print_serving(info["serving"])
+
+
+def _print_serving(runtimes: list[dict]) -> None:
+    print("  runs on:")
+    for r in runtimes:
+        print(f"    {r['name']}: {'yes' if r['loads'] else 'no'} - {r['how']}")
 
 
 def cmd_demo_model(args) -> None:

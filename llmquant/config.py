@@ -3,7 +3,8 @@ before any work) and what it reports (`QuantReport`)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import shlex
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -16,15 +17,18 @@ AWQ_JUDGES = {"rtn": "rtn", "gptq": "inner", "block": "block"}  # --awq-search -
 
 @dataclass
 class QuantConfig:
-    method: str = "rtn"
+    # defaults give what one would publish: GPTQ (act-order, static groups, range search), W4 g128 sym, which
+    # vLLM's Marlin kernels and every GPTQ runtime take, on 128 x 512 calibration tokens
+    method: str = "gptq"
     bits: int = 4
     group_size: int = 128
     sym: bool = True
     clip: str | None = None  # None: the method's default, see clip_mode
     format: str = "gptq"
-    calib: str | None = None  # rtn needs none
+    checkpoint_format: str = "gptq"  # --format gptq: gptq (v1, stores zero - 1) or gptq_v2 (stores the zero)
+    calib: str | None = None  # None: the default recipe, or `self` when the Hub is unreachable; rtn needs none
     n_samples: int = 128
-    seqlen: int = 2048
+    seqlen: int = 512
     seed: int = 0
     device: str = "cpu"
     max_memory: str | None = None  # host memory the run may hold, e.g. "2GB"; None: 80% of what is available
@@ -58,6 +62,10 @@ class QuantConfig:
         if self.bits not in SUPPORTED_BITS:
             raise UserError(f"the {self.format} format stores {', '.join(map(str, SUPPORTED_BITS))} bits, "
                             f"not {self.bits}")
+        if self.checkpoint_format not in ("gptq", "gptq_v2"):
+            raise UserError(f"--checkpoint-format must be gptq or gptq_v2, not {self.checkpoint_format}")
+        if self.checkpoint_format != "gptq" and self.format != "gptq":
+            raise UserError("--checkpoint-format belongs to --format gptq")
         if self.group_size != -1 and self.group_size < 1:
             raise UserError(f"group size must be positive or -1 (per channel), not {self.group_size}")
         if not 1 <= self.n_samples <= 4096:
@@ -134,10 +142,37 @@ class QuantConfig:
             return "block"
         return "gptq" if self._gptq_on_grid() else "rtn"
 
+    def as_command(self, model: str) -> str:
+        """The `llmquant quantize` command that asks for this run: the method, grid, format and calibration
+        always (defaults move between versions), every other setting where it is not its default. Where the
+        run happens (--device, --max-memory) does not change what it writes and is left out."""
+        default, calibrated = QuantConfig(), self.method != "rtn"
+        always = {"method", "format", *(("gguf_type",) if self.format == "gguf" else ("bits", "group_size", "sym")),
+                  *(("calib", "n_samples", "seqlen", "seed") if calibrated else ())}
+        args = ["llmquant", "quantize", model]
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if (f.name in ("device", "max_memory") or value is None
+                    or (f.name not in always and value == getattr(default, f.name))):
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if f.name == "sym":
+                args.append("--sym" if value else "--asym")
+            elif f.name == "duo_scaling":
+                args.append("--no-duo-scaling")
+            elif f.name == "tensor_types":
+                args += [a for pattern in value for a in ("--tensor-type", pattern)]
+            elif isinstance(value, bool):
+                args.append(flag if value else f"--no-{flag[2:]}")
+            else:
+                args += [flag, str(value)]
+        return shlex.join([*args, "--out", "OUT"])
+
     def spec(self) -> QuantSpec:
-        # the gptq (v1) layout stores zero - 1, so an asymmetric zero of 0 cannot be written; awq results keep
-        # the same grid, so they load into the same (gptq-layout) QuantLinear
-        return QuantSpec(self.bits, self.group_size, self.sym, self.clip_mode(), min_zero=0 if self.sym else 1)
+        # the gptq (v1) layout stores zero - 1, so an asymmetric zero of 0 cannot be written (gptq_v2 can); the
+        # other formats keep v1's grid, on which their outputs were compared with peers'
+        v1 = self.checkpoint_format == "gptq"
+        return QuantSpec(self.bits, self.group_size, self.sym, self.clip_mode(), min_zero=1 if v1 and not self.sym else 0)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -54,7 +54,10 @@ def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: boo
     check_float_share(plan, config)
     budget = memory_budget(config, checkpoint, solver.calibrated)
     tokenizer = checkpoint.tokenizer()
-    samples = calibration_samples(config, checkpoint, tokenizer) if solver.calibrated else None
+    samples = None
+    if solver.calibrated:  # the source used is what the work dir's fingerprint and the card record
+        samples, source = calibration_samples(config, checkpoint, tokenizer)
+        config = replace(config, calib=source)
     on_gpu = torch.device(config.device).type == "cuda"
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(config.device)
@@ -128,18 +131,30 @@ def spill_directory(work_dir: str | Path | None, out: Path):
         yield d
 
 
-def calibration_samples(config: QuantConfig, checkpoint: Checkpoint, tokenizer) -> torch.Tensor:
-    """config's calibration windows, no longer than the model's context. `self` calibration generates text
-    with the model, so only that source loads the whole float model."""
-    from .calibration import SELF, load_samples
+def calibration_samples(config: QuantConfig, checkpoint: Checkpoint, tokenizer) -> tuple[torch.Tensor, str]:
+    """config's calibration windows, no longer than the model's context, and the source they came from.
+    Without --calib: the default recipe, or, when the Hub cannot give it, text the model writes itself (with
+    a notice). `self` calibration generates text with the model, so only that source loads the whole float
+    model."""
+    import sys
+
+    from .calibration import DEFAULT_RECIPE, SELF, HubUnavailable, load_samples
 
     seqlen = min(config.seqlen, getattr(checkpoint.config, "max_position_embeddings", config.seqlen))
+    if config.calib is None:
+        try:
+            return load_samples(DEFAULT_RECIPE, tokenizer, config.n_samples, seqlen, config.seed), DEFAULT_RECIPE
+        except HubUnavailable:
+            print(f"note: the default calibration data ({DEFAULT_RECIPE}) needs the Hugging Face Hub, which is "
+                  f"unreachable; the model writes its own calibration text instead (--calib self). Pass --calib "
+                  f"FILE to calibrate on your own text", file=sys.stderr)
+    source = config.calib or SELF
     model = None
-    if config.calib == SELF:
+    if source == SELF:
         from .models.loader import load_float_model
 
         model = load_float_model(checkpoint.path)[0]
-    return load_samples(config.calib or "wikitext2", tokenizer, config.n_samples, seqlen, config.seed, model=model)
+    return load_samples(source, tokenizer, config.n_samples, seqlen, config.seed, model=model), source
 
 
 def check_paths(model: str | Path, out: Path, work_dir: str | Path | None) -> None:

@@ -81,7 +81,7 @@ def main() -> None:
                                   capture_output=True, text=True, check=True).stdout.strip())
     if not (bin_dir / "llama-quantize").exists():
         sys.exit("llama.cpp tools missing: run `bash scripts/build_llama_cpp.sh` first")
-    llmquant = [sys.executable, "-m", "llmquant", "quantize", args.model, "--format", "gguf", "--force"]
+    llmquant = [sys.executable, "-m", "llmquant", "quantize", args.model, "--method", "rtn", "--format", "gguf", "--force"]
     f32 = out / "model-F32.gguf"
     if not f32.exists():
         run([*llmquant, "--gguf-type", "F32", "--out", str(f32)], out / "f32.log")

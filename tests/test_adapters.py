@@ -126,7 +126,7 @@ def test_an_undeclared_family_quantizes_through_the_discovered_adapter(family, m
     ids = torch.randint(0, 300, (1, 12))
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-4)
-    assert main(["quantize", str(src), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 2
+    assert main(["quantize", str(src), "--method", "rtn", "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 2
     assert "GGUF export needs a declared family" in capsys.readouterr().err
 
 
@@ -141,7 +141,7 @@ def test_a_block_it_cannot_understand_is_one_line_naming_the_module(tmp_path, ca
     AutoModelForCausalLM.from_config(config).save_pretrained(src)
     make_tokenizer().save_pretrained(src)
     capsys.readouterr()
-    assert main(["quantize", str(src), "--out", str(tmp_path / "q")]) == 2
+    assert main(["quantize", str(src), "--method", "rtn", "--out", str(tmp_path / "q")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "cannot place 'model.layers.0.mlp.gate.weight'" in err, err
     assert "a weight outside any linear" in err

@@ -301,19 +301,20 @@ def test_awq_checkpoint_loads_and_matches_its_gptq_twin(tiny_model_dir, calib_fi
     report = json.loads((tmp_path / "awq" / "quant_report.json").read_text())["linears"]
     assert report["model.layers.0.mlp.gate_proj"]["awq_scaled"] is True
     assert report["model.layers.0.self_attn.o_proj"]["awq_scaled"] is False  # the tiny model uses GQA
-    # an awq checkpoint from another tool with a zero point of 0 cannot be held exactly: refused, not mangled
+    # an awq checkpoint from another tool may store zero points of 0: held exactly (QuantLinear takes the v2
+    # convention for awq layers), not wrapped to 16 as the gptq v1 convention would
     path = tmp_path / "awq" / "model.safetensors"
     tensors = load_file(path)
     tensors["model.layers.0.self_attn.q_proj.qzeros"].zero_()
     save_file(tensors, path, metadata={"format": "pt"})
-    with pytest.raises(UserError, match="zero point of 0"):
-        llmquant.load(tmp_path / "awq")
+    layer = llmquant.load(tmp_path / "awq").model.layers[0].self_attn.q_proj
+    assert layer.zero_offset == 0 and (layer.unpack().zeros == 0).all()
     # 96 inputs are 1.5 groups of 64: without a g_idx the awq layout leaves down_proj in float
     # (2 of 14 linears: more than a run leaves in float unless asked, and nothing is written)
     with pytest.raises(UserError, match="--allow-float"):
-        quantize(tiny_model_dir, QuantConfig(format="awq", group_size=64), tmp_path / "short", progress=False)
+        quantize(tiny_model_dir, QuantConfig(method="rtn", format="awq", group_size=64), tmp_path / "short", progress=False)
     assert not (tmp_path / "short").exists()
-    short = quantize(tiny_model_dir, QuantConfig(format="awq", group_size=64, allow_float=True), tmp_path / "short",
+    short = quantize(tiny_model_dir, QuantConfig(method="rtn", format="awq", group_size=64, allow_float=True), tmp_path / "short",
                      progress=False)
     assert short.skipped == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
     assert short.bits_per_parameter > short.bpw  # the float linears count in the whole file's figure

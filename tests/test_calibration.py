@@ -217,3 +217,23 @@ def test_measurement_calibration_file(tokenizer):
     ids = tokenize(text, tokenizer)
     assert torch.equal(ids, torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]))
     assert is_window_of(samples[:8], ids).all()
+
+
+def test_default_calibration_falls_back_to_self_when_the_hub_is_unreachable(tiny_model_dir, tmp_path, monkeypatch,
+                                                                            capsys):
+    """No --calib: the default recipe needs the Hub; without it the run calibrates on text the model writes,
+    says so in one notice, and records the source it used."""
+    import datasets
+
+    from llmquant.cli import main
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_model_dir), "--bits", "4", "--group-size", "32", "--n-samples", "4",
+                 "--seqlen", "32", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert sum("--calib self" in line for line in err.splitlines()) == 1, err
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert q["meta"]["method"] == "gptq" and q["meta"]["calibration"].startswith("self, 4 x 32 tokens")
+    assert q["desc_act"] is False and q["static_groups"] is True and q["sym"] is True

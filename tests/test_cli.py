@@ -30,7 +30,7 @@ def text_file(tmp_path_factory):
 
 def test_quantize_inspect_eval_generate(tiny_model_dir, tmp_path, text_file, capsys):
     out = tmp_path / "q"
-    code, stdout, _ = run(capsys, "quantize", tiny_model_dir, "--bits", 4, "--group-size", 32, "--asym",
+    code, stdout, _ = run(capsys, "quantize", tiny_model_dir, "--method", "rtn", "--bits", 4, "--group-size", 32, "--asym",
                           "--out", out, "--eval", "--eval-data", text_file, "--eval-seqlen", 64,
                           "--eval-windows", 4, "--prompt-tokens", 16, "--new-tokens", 4, "--json")
     assert code == 0
@@ -83,7 +83,7 @@ def test_bench_measures_a_model_beside_its_base_and_refuses_what_it_cannot_compa
 @pytest.mark.slow
 def test_bench_with_a_compiled_decode_step(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "q8"
-    assert run(capsys, "quantize", tiny_model_dir, "--bits", 8, "--group-size", 32, "--asym", "--out", out)[0] == 0
+    assert run(capsys, "quantize", tiny_model_dir, "--method", "rtn", "--bits", 8, "--group-size", 32, "--asym", "--out", out)[0] == 0
     code, stdout, _ = run(capsys, "bench", out, "--prompt-tokens", 8, "--new-tokens", 6, "--compile", "--json")
     assert code == 0
     model = json.loads(stdout)["model"]
@@ -95,7 +95,7 @@ def test_bench_with_a_compiled_decode_step(tiny_model_dir, tmp_path, capsys):
 def test_lower_bits_cost_more_quality(tiny_model_dir, tmp_path, text_file, capsys):
     kld = {}
     for bits in (8, 2):
-        run(capsys, "quantize", tiny_model_dir, "--bits", bits, "--group-size", 32, "--asym", "--out",
+        run(capsys, "quantize", tiny_model_dir, "--method", "rtn", "--bits", bits, "--group-size", 32, "--asym", "--out",
             tmp_path / str(bits))
         code, stdout, _ = run(capsys, "eval", tmp_path / str(bits), "--data", text_file, "--seqlen", 64,
                               "--windows", 3, "--base", tiny_model_dir, "--json")
@@ -163,17 +163,17 @@ def test_bad_input_gives_one_line_errors(tiny_model_dir, broken_models, tmp_path
     not_a_dir = tmp_path / "file.txt"
     not_a_dir.write_text("a file")
     cases = [
-        (["quantize", tmp_path / "missing", "--out", out], ["no such model directory"]),
-        (["quantize", broken_models["empty"], "--out", out], ["no config.json"]),
-        (["quantize", broken_models["gpt2"], "--out", out], ["'gpt2'", "llama", "mistral", "qwen2", "qwen3"]),
-        (["quantize", broken_models["nan"], "--out", out], ["model.layers.1.mlp.up_proj.weight", "NaN"]),
-        (["quantize", broken_models["pickled"], "--out", out], ["pytorch_model.bin", "pickled"]),
+        (["quantize", tmp_path / "missing", "--method", "rtn", "--out", out], ["no such model directory"]),
+        (["quantize", "--method", "rtn", broken_models["empty"], "--out", out], ["no config.json"]),
+        (["quantize", "--method", "rtn", broken_models["gpt2"], "--out", out], ["'gpt2'", "llama", "mistral", "qwen2", "qwen3"]),
+        (["quantize", "--method", "rtn", broken_models["nan"], "--out", out], ["model.layers.1.mlp.up_proj.weight", "NaN"]),
+        (["quantize", "--method", "rtn", broken_models["pickled"], "--out", out], ["pytorch_model.bin", "pickled"]),
         (["quantize", tiny_model_dir, "--bits", 5, "--out", out], ["5"]),
         (["quantize", tiny_model_dir, "--group-size", 0, "--out", out], ["group size"]),
         (["quantize", tiny_model_dir, "--n-samples", 0, "--out", out], ["--n-samples"]),
         (["quantize", tiny_model_dir, "--format", "exl2", "--out", out], ["exl2"]),
         (["quantize", tiny_model_dir, "--method", "awq", "--float-targets", "--out", out], ["--float-targets", "gptq"]),
-        (["quantize", tiny_model_dir, "--act-order", "--out", out], ["--act-order", "gptq"]),
+        (["quantize", tiny_model_dir, "--method", "rtn", "--act-order", "--out", out], ["--act-order", "gptq"]),
         (["quantize", tiny_model_dir, "--method", "awq", "--tune-iters", 5, "--out", out], ["--tune-iters", "gptq"]),
         (["quantize", tiny_model_dir, "--method", "gptq", "--tune-iters", -1, "--out", out], ["--tune-iters"]),
         (["quantize", tiny_model_dir, "--method", "gptq", "--no-awq-clip", "--out", out], ["--no-awq-clip", "awq"]),
@@ -182,7 +182,7 @@ def test_bad_input_gives_one_line_errors(tiny_model_dir, broken_models, tmp_path
         (["quantize", tiny_model_dir, "--method", "gptq", "--format", "gguf", "--act-order", "--out",
           tmp_path / "out.gguf"],
          ["GGUF", "--act-order"]),
-        (["quantize", broken_models["truncated"], "--out", out], ["model.safetensors"]),
+        (["quantize", "--method", "rtn", broken_models["truncated"], "--out", out], ["model.safetensors"]),
         # paths that would only fail once the work is done, or would destroy an input
         (["quantize", tiny_model_dir, "--out", not_a_dir / "q"], ["is not a directory"]),
         (["quantize", tiny_model_dir, "--out", tiny_model_dir, "--force"], ["would replace the model"]),
@@ -195,7 +195,7 @@ def test_bad_input_gives_one_line_errors(tiny_model_dir, broken_models, tmp_path
         assert_one_line_error(*run(capsys, *argv)[::2], *needles)
         assert not out.exists()
     out.mkdir()
-    assert_one_line_error(*run(capsys, "quantize", tiny_model_dir, "--out", out)[::2], "--force")
+    assert_one_line_error(*run(capsys, "quantize", tiny_model_dir, "--method", "rtn", "--out", out)[::2], "--force")
     short = tmp_path / "short.txt"
     short.write_text("the king")
     assert_one_line_error(*run(capsys, "eval", tiny_model_dir, "--data", short, "--seqlen", 64)[::2], "64")
@@ -219,7 +219,7 @@ def test_failures_of_the_machine_are_one_line_and_bugs_keep_their_traceback(tiny
     from llmquant.quant.rtn import RTNSolver
 
     out = tmp_path / "out"
-    quantize = ["quantize", tiny_model_dir, "--out", out]
+    quantize = ["quantize", tiny_model_dir, "--method", "rtn", "--out", out]
 
     def raising(err):
         def fail(*args, **kwargs):
@@ -250,8 +250,8 @@ def test_non_finite_values_in_a_packed_checkpoint_or_gguf_are_refused_by_name(ti
     from safetensors.torch import save_file
 
     packed, file = tmp_path / "packed", tmp_path / "q.gguf"
-    assert run(capsys, "quantize", tiny_model_dir, "--group-size", 32, "--out", packed)[0] == 0
-    assert run(capsys, "quantize", tiny_model_dir, "--format", "gguf", "--gguf-type", "Q8_0", "--out", file)[0] == 0
+    assert run(capsys, "quantize", tiny_model_dir, "--method", "rtn", "--group-size", 32, "--out", packed)[0] == 0
+    assert run(capsys, "quantize", tiny_model_dir, "--method", "rtn", "--format", "gguf", "--gguf-type", "Q8_0", "--out", file)[0] == 0
     weights = packed / "model.safetensors"
     with safe_open(weights, "pt") as f:
         tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()

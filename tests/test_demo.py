@@ -36,14 +36,14 @@ def test_demo_rtn_w4_and_w8(demo_model_dir, tmp_path, eval_text, capsys):
     assert main(["eval", str(demo_model_dir), "--data", str(eval_text), "--seqlen", "512", "--windows", "3",
                  "--json"]) == 0
     base = json.loads(capsys.readouterr().out)
-    w4 = quantize_and_eval(capsys, demo_model_dir, tmp_path / "w4", eval_text, "--bits", "4", "--group-size",
+    w4 = quantize_and_eval(capsys, demo_model_dir, tmp_path / "w4", eval_text, "--method", "rtn", "--bits", "4", "--group-size",
                            "128", "--asym")
     model = llmquant.load(tmp_path / "w4")
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(layers) == 30 * 7 and layers[0].in_features == 576  # 576 = 4.5 groups of 128
     assert layers[0].scales.shape[0] == 5
     assert_cpu_kernels_generate_like_the_dequantized_model(tmp_path / "w4")
-    w8 = quantize_and_eval(capsys, demo_model_dir, tmp_path / "w8", eval_text, "--bits", "8", "--group-size",
+    w8 = quantize_and_eval(capsys, demo_model_dir, tmp_path / "w8", eval_text, "--method", "rtn", "--bits", "8", "--group-size",
                            "128")
     assert abs(w8["ppl"] / base["ppl"] - 1) < 0.01  # 3 short windows: the 0.5% target is measured on the protocol
     assert w8["kld"] < w4["kld"] / 10 and w8["top1"] > w4["top1"]

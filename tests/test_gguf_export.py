@@ -106,7 +106,7 @@ def test_file_reads_the_same_in_gguf_and_transformers(family, wide_models, tmp_p
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "m.gguf"
-    quantize(wide_models[family], QuantConfig(format="gguf", gguf_type="Q4_K_M"), out, progress=False)
+    quantize(wide_models[family], QuantConfig(method="rtn", format="gguf", gguf_type="Q4_K_M"), out, progress=False)
     reader = gguf.GGUFReader(out)
     assert reader.fields["general.architecture"].contents() == {"mistral": "llama"}.get(family, family)
     ours, _ = load_gguf(out)
@@ -131,7 +131,7 @@ def test_file_reads_the_same_in_gguf_and_transformers(family, wide_models, tmp_p
 
 def test_q8_0_file_scores_like_the_float_model(tiny_model_dir, tmp_path):
     out = tmp_path / "q8.gguf"
-    quantize(tiny_model_dir, QuantConfig(format="gguf", gguf_type="Q8_0"), out, progress=False)
+    quantize(tiny_model_dir, QuantConfig(method="rtn", format="gguf", gguf_type="Q8_0"), out, progress=False)
     model, tok = load_any(out)
     base, _ = load_any(tiny_model_dir, exact=True)
     ids = tok(sample_text(60, seed=3), return_tensors="pt").input_ids
@@ -176,16 +176,16 @@ def test_imatrix_lowers_the_activation_weighted_error(wide_models, tmp_path):
 
 def test_gguf_command_line_errors_are_one_line(tiny_model_dir, tmp_path, capsys):
     good = tmp_path / "ok.gguf"
-    assert main(["quantize", str(tiny_model_dir), "--format", "gguf", "--gguf-type", "Q4_0", "--out", str(good)]) == 0
+    assert main(["quantize", str(tiny_model_dir), "--method", "rtn", "--format", "gguf", "--gguf-type", "Q4_0", "--out", str(good)]) == 0
     capsys.readouterr()
     cases = [
-        (["quantize", str(tiny_model_dir), "--format", "gguf", "--gguf-type", "Q9_K", "--out", str(tmp_path / "x")],
+        (["quantize", str(tiny_model_dir), "--method", "rtn", "--format", "gguf", "--gguf-type", "Q9_K", "--out", str(tmp_path / "x")],
          "unknown --gguf-type"),
         (["quantize", str(tiny_model_dir), "--format", "gguf", "--method", "awq+gptq", "--out", str(tmp_path / "x")],
          "--format gguf takes --method"),
         (["quantize", str(tiny_model_dir), "--method", "imatrix", "--out", str(tmp_path / "x")], "with --format gguf"),
-        (["quantize", str(tiny_model_dir), "--format", "gguf", "--out", str(good)], "exists"),
-        (["quantize", str(tiny_model_dir), "--format", "gguf", "--tensor-type", "v", "--out", str(tmp_path / "x")],
+        (["quantize", str(tiny_model_dir), "--method", "rtn", "--format", "gguf", "--out", str(good)], "exists"),
+        (["quantize", str(tiny_model_dir), "--method", "rtn", "--format", "gguf", "--tensor-type", "v", "--out", str(tmp_path / "x")],
          "PATTERN=TYPE"),
     ]
     raw = good.read_bytes()

@@ -38,7 +38,7 @@ def demo_files(demo_model_dir, tmp_path_factory):
     files = {}
     for mix in ("F32", "Q8_0", "Q4_K_M", "Q2_K"):
         files[mix] = root / f"demo-{mix}.gguf"
-        quantize(demo_model_dir, QuantConfig(format="gguf", gguf_type=mix), files[mix], progress=False)
+        quantize(demo_model_dir, QuantConfig(method="rtn", format="gguf", gguf_type=mix), files[mix], progress=False)
     return files
 
 
@@ -78,7 +78,7 @@ def test_reference_encoders_match_llama_quantize_byte_for_byte(mix, demo_files, 
                    capture_output=True)
     ours = demo_files.get(mix) or tmp_path / "ours.gguf"
     if mix not in demo_files:
-        quantize(demo_model_dir, QuantConfig(format="gguf", gguf_type=mix), ours, progress=False)
+        quantize(demo_model_dir, QuantConfig(method="rtn", format="gguf", gguf_type=mix), ours, progress=False)
     assert_same_tensors(ours, theirs)
 
 
@@ -95,7 +95,7 @@ def test_llama_cpp_computes_what_transformers_computes(family, llama_bin, tmp_pa
 
     src = make_tiny_model(tmp_path / "model", family, hidden=256, intermediate=512, heads=4, kv_heads=2)
     out = tmp_path / "f32.gguf"
-    quantize(src, QuantConfig(format="gguf", gguf_type="F32"), out, progress=False)
+    quantize(src, QuantConfig(method="rtn", format="gguf", gguf_type="F32"), out, progress=False)
     model, tok = load_any(src, exact=True)
     ids = tok(sample_text(40, seed=5)).input_ids[:48]
     with torch.no_grad():
@@ -119,8 +119,8 @@ def test_expert_files_match_llama_quantize_byte_for_byte(family, experts, mix, l
     wide = {"q_lora_rank": 256, "kv_lora_rank": 256} if family == "deepseek_v3" else {}  # K-types on kv_b too
     src = make_tiny_model(tmp_path / "src", family, hidden=256, intermediate=512, layers=4, **{count: experts}, **wide)
     f32, theirs, ours = tmp_path / "f32.gguf", tmp_path / "theirs.gguf", tmp_path / "ours.gguf"
-    quantize(src, QuantConfig(format="gguf", gguf_type="F32"), f32, progress=False)
+    quantize(src, QuantConfig(method="rtn", format="gguf", gguf_type="F32"), f32, progress=False)
     subprocess.run([str(llama_bin / "llama-quantize"), str(f32), str(theirs), mix, "2"], check=True,
                    capture_output=True)
-    quantize(src, QuantConfig(format="gguf", gguf_type=mix), ours, progress=False)
+    quantize(src, QuantConfig(method="rtn", format="gguf", gguf_type=mix), ours, progress=False)
     assert_same_tensors(ours, theirs)

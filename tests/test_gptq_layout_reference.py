@@ -172,7 +172,7 @@ def test_oracle_reads_a_folder_the_cli_wrote(tiny_model_dir, tmp_path, bits, gro
     from llmquant.api import QuantConfig, quantize
 
     out = tmp_path / "q"
-    quantize(tiny_model_dir, QuantConfig(bits=bits, group_size=group_size, sym=sym), out, progress=False)
+    quantize(tiny_model_dir, QuantConfig(method="rtn", bits=bits, group_size=group_size, sym=sym), out, progress=False)
 
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config == json.loads((out / "quantize_config.json").read_text())

@@ -81,6 +81,42 @@ def test_loaded_model_computes_with_the_dequantized_weights(tiny_model_dir, tmp_
         assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-4)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_gptq_v2_holds_zero_points_of_zero(tiny_model_dir, tmp_path, bits):
+    """v2 stores each zero point as is, so an asymmetric zero of 0 (a group with no negative weight) is written
+    and read back exactly, where v1 (zero - 1) would wrap it to 2^bits."""
+    model, _, adapter, src = load_float_model(tiny_model_dir)
+    for block in adapter.blocks(model):  # every block's first linear gets groups of non-negative weights
+        weight = block.get_submodule(adapter.linears()[0]).weight.data
+        weight[:, :32] = weight[:, :32].abs()
+    quantized = quantize_all(model, adapter, QuantSpec(bits, 32, sym=False, min_zero=0), act_order=True)
+    assert any((qw.zeros == 0).any() for qw in quantized.values())
+    out = save_quantized(tmp_path / "q", model, quantized, src,
+                         gptq_config(bits, 32, False, desc_act=True, checkpoint_format="gptq_v2"))
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["checkpoint_format"] == "gptq_v2"
+    assert hf.describe(out)["checkpoint_format"] == "gptq_v2"
+    loaded = llmquant.load(out)
+    for name, qw in quantized.items():
+        back = loaded.get_submodule(name).unpack()
+        for field in ("codes", "scales", "zeros", "g_idx"):
+            assert torch.equal(getattr(back, field), getattr(qw, field)), (name, field)
+        model.get_submodule(name).weight.data = qw.dequantize()
+    ids = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-4)
+
+
+def test_unknown_checkpoint_format_is_one_line(tiny_model_dir, tmp_path):
+    model, _, adapter, src = load_float_model(tiny_model_dir)
+    out = save_quantized(tmp_path / "q", model, quantize_all(model, adapter, QuantSpec(4, 32), False), src,
+                         gptq_config(4, 32, True))
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"]["checkpoint_format"] = "gptq_v3"
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="checkpoint_format 'gptq_v3' is not supported"):
+        llmquant.load(out)
+
+
 def test_tied_embeddings_are_stored_once(tmp_path):
     from tiny import make_tiny_model
 

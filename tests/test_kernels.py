@@ -42,7 +42,7 @@ ELEMENT_FACTOR = 12.0
 
 
 # ---------------------------------------------------------------------------------------------
-# Reference: the gptq v1 layout, written from its description (not from the kernels or the writer).
+# Reference: the gptq layout (v1 and v2), written from its description (not from the kernels or the writer).
 
 def pack_stream(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Codes in [0, 2^bits) along `dim` as a little-endian bit stream cut into int32 words (the last
@@ -64,24 +64,24 @@ def unpack_stream(words: torch.Tensor, bits: int, dim: int, n: int) -> torch.Ten
     return (stream << torch.arange(bits)).sum(-1).movedim(-1, dim)
 
 
-def dequantize_gptq(qweight, qzeros, scales, g_idx, bits, in_features) -> torch.Tensor:
+def dequantize_gptq(qweight, qzeros, scales, g_idx, bits, in_features, zero_offset=1) -> torch.Tensor:
     """W [out, in] in float64: W[o, i] = (q[i, o] - zero[g, o]) * scale[g, o], g = g_idx[i], where the
-    stored zero field holds zero - 1 (v1)."""
+    stored zero field holds zero - 1 (v1, zero_offset 1) or the zero itself (v2, zero_offset 0)."""
     out_features = qweight.shape[1]
     q = unpack_stream(qweight.cpu(), bits, 0, in_features)  # [in, out]
-    zero = unpack_stream(qzeros.cpu(), bits, 1, out_features) + 1  # [groups, out]
+    zero = unpack_stream(qzeros.cpu(), bits, 1, out_features) + zero_offset  # [groups, out]
     g = g_idx.cpu().long()
     return ((q - zero[g]).double() * scales.cpu().double()[g]).T.contiguous()
 
 
-def make_case(bits, group_size, sym, act_order, dtype, M, K, N, seed, device="cpu"):
+def make_case(bits, group_size, sym, act_order, dtype, M, K, N, seed, zero_offset=1, device="cpu"):
     """Random packed weights (full code range; asym zero fields take every value, all-ones included),
     activations, and the float64 reference y [M, N]."""
     gen = torch.Generator().manual_seed(seed)
     maxq = (1 << bits) - 1
     groups = 1 if group_size == -1 else math.ceil(K / group_size)
     codes = torch.randint(0, maxq + 1, (K, N), generator=gen)
-    stored = torch.full((groups, N), (1 << (bits - 1)) - 1) if sym else torch.randint(0, maxq + 1, (groups, N),
+    stored = torch.full((groups, N), (1 << (bits - 1)) - zero_offset) if sym else torch.randint(0, maxq + 1, (groups, N),
                                                                                      generator=gen)
     scales = ((torch.rand(groups, N, generator=gen) + 0.25) * 0.02).to(torch.float16)
     g_idx = torch.arange(K) // (K if group_size == -1 else group_size)
@@ -90,7 +90,7 @@ def make_case(bits, group_size, sym, act_order, dtype, M, K, N, seed, device="cp
     x = torch.randn(M, K, generator=gen).to(dtype)
     tensors = {"qweight": pack_stream(codes, bits, 0), "qzeros": pack_stream(stored, bits, 1), "scales": scales,
                "g_idx": g_idx.to(torch.int32)}
-    ref = x.double() @ dequantize_gptq(*tensors.values(), bits, K).T
+    ref = x.double() @ dequantize_gptq(*tensors.values(), bits, K, zero_offset).T
     return x.to(device), {k: v.to(device) for k, v in tensors.items()}, ref
 
 
@@ -104,12 +104,12 @@ def errors(y: torch.Tensor, ref: torch.Tensor) -> dict:
 
 def run_case(kernels, case: dict, device="cpu") -> dict:
     x, t, ref = make_case(case["bits"], case["group_size"], case["sym"], case["act_order"], DTYPES[case["dtype"]],
-                          case["M"], case["K"], case["N"], case["seed"], device)
+                          case["M"], case["K"], case["N"], case["seed"], case["zero_offset"], device)
     out = torch.full((case["M"], case["N"]), float("nan"), dtype=x.dtype, device=device)  # poison
     # contiguous groups go in both ways: as g_idx None, and as the default g_idx the kernels must recognise
     g_idx = None if case["sym"] and not case["act_order"] else t["g_idx"]
     y = kernels.gptq_matmul(x, t["qweight"], t["qzeros"], t["scales"], g_idx, case["bits"], case["group_size"],
-                            out=out)
+                            out=out, zero_offset=case["zero_offset"])
     assert y is out
     return errors(y, ref)
 
@@ -199,7 +199,7 @@ def _shape(index: int, M: int) -> dict:
 def _pairwise_cases() -> list[dict]:
     """A covering set: every pair of values of any two factors appears in some case (greedy all-pairs)."""
     factors = {"bits": BITS, "group_size": GROUPS, "sym": (False, True), "act_order": (False, True),
-               "dtype": tuple(DTYPES), "M": M_REGIMES}
+               "dtype": tuple(DTYPES), "M": M_REGIMES, "zero_offset": (1, 0)}
     names = list(factors)
     rows = [dict(zip(names, values)) for values in itertools.product(*factors.values())]
     uncovered = {((a, row[a]), (b, row[b])) for row in rows for a, b in itertools.combinations(names, 2)}
@@ -213,13 +213,14 @@ def _pairwise_cases() -> list[dict]:
 
 
 PAIRWISE = _pairwise_cases()
-EXHAUSTIVE = [dict(zip(("bits", "group_size", "sym", "act_order", "dtype", "M"), values))
-              for values in itertools.product(BITS, GROUPS, (False, True), (False, True), tuple(DTYPES), M_REGIMES)]
+EXHAUSTIVE = [dict(zip(("bits", "group_size", "sym", "act_order", "dtype", "M", "zero_offset"), values))
+              for values in itertools.product(BITS, GROUPS, (False, True), (False, True), tuple(DTYPES), M_REGIMES,
+                                              (1, 0))]
 
 
 def _case_id(case: dict) -> str:
     return (f"w{case['bits']}-g{case['group_size']}-{'sym' if case['sym'] else 'asym'}-"
-            f"{'act' if case['act_order'] else 'seq'}-{case['dtype']}-M{case['M']}")
+            f"{'act' if case['act_order'] else 'seq'}-{case['dtype']}-M{case['M']}-{'v1' if case['zero_offset'] else 'v2'}")
 
 
 @pytest.mark.parametrize("index, case", list(enumerate(PAIRWISE)), ids=[_case_id(c) for c in PAIRWISE])
@@ -238,7 +239,7 @@ def test_kernel_matches_reference_exhaustive(interp, index, case):
 def test_split_k_leaves_workspace_clean(interp):
     """Split-K programs zero the workspace and counters behind them; a leftover would corrupt the next call."""
     case = {"bits": 4, "group_size": 64, "sym": False, "act_order": False, "dtype": "float16", "M": 3, "K": 512,
-            "N": 48, "seed": fresh_seed()}
+            "N": 48, "seed": fresh_seed(), "zero_offset": 1}
     for _ in range(2):  # the second call starts from whatever the first one left
         check(interp.ask(case), case)
     assert interp.ask({"probe": "workspace"}) == {"dirty": 0}
@@ -395,7 +396,7 @@ def test_gpu_matches_reference(bits, group_size, act_order, M):
     for index, (K, N) in enumerate(GPU_SHAPES if M < 2048 else GPU_SHAPES[:1]):
         dtype = ("float16", "bfloat16")[index % 2]
         case = {"bits": bits, "group_size": group_size, "sym": index == 2, "act_order": act_order, "dtype": dtype,
-                "M": M, "K": K, "N": N, "seed": fresh_seed()}
+                "M": M, "K": K, "N": N, "seed": fresh_seed(), "zero_offset": index % 2}
         check(run_case(kernels, case, device="cuda"), case)
 
 
@@ -403,7 +404,7 @@ def test_gpu_matches_reference(bits, group_size, act_order, M):
 def test_gpu_repeated_split_k_calls_agree():
     """Split-K sums are fp32 atomics: reruns may differ by rounding only, never by a stale workspace."""
     kernels = _cuda_or_skip()
-    x, t, ref = make_case(4, 128, False, False, torch.float16, 4, 14336, 4096, fresh_seed(), "cuda")
+    x, t, ref = make_case(4, 128, False, False, torch.float16, 4, 14336, 4096, fresh_seed(), device="cuda")
     ys = [kernels.gptq_matmul(x, *t.values(), 4, 128) for _ in range(5)]
     for y in ys:
         assert errors(y, ref)["rel"] < TOLERANCE["float16"]

@@ -37,22 +37,25 @@ def test_pack_rejects_partial_words():
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("sym", [True, False])
-def test_gptq_tensors_round_trip_exactly(bits, act_order, sym):
+@pytest.mark.parametrize("zero_offset", [1, 0])
+def test_gptq_tensors_round_trip_exactly(bits, act_order, sym, zero_offset):
     w = torch.randn(64, 192) * 0.02
-    spec = QuantSpec(bits, 128, sym, min_zero=0 if sym else 1)
+    w[:8, :128] = w[:8, :128].abs()  # groups with no negative weight: an asymmetric zero of 0, which only v2 holds
+    spec = QuantSpec(bits, 128, sym, min_zero=0 if sym else zero_offset)
     g_idx = default_g_idx(192, 128)
     if act_order:
         g_idx = g_idx[torch.randperm(192)]
     scales, zeros = fit(w, spec)
     qw = quantize(w, scales, zeros, spec, g_idx)
-    tensors = pack_gptq(qw)
+    tensors = pack_gptq(qw, zero_offset)
     assert tensors["qweight"].shape == (192 * bits // 32, 64)
     assert tensors["qzeros"].shape == (2, 64 * bits // 32)
     assert tensors["scales"].dtype == torch.float16 and tensors["scales"].shape == (2, 64)
-    back = unpack_gptq(tensors, bits, 128, sym)
+    back = unpack_gptq(tensors, bits, 128, sym, zero_offset)
     for field in ("codes", "scales", "zeros", "g_idx"):
         assert torch.equal(getattr(back, field), getattr(qw, field)), field
-    layer = QuantLinear.from_quantized(qw)
+    assert (qw.zeros == 0).any() == (not sym and zero_offset == 0)
+    layer = QuantLinear.from_quantized(qw, zero_offset=zero_offset)
     assert torch.equal(layer.dequantize_weight(), qw.dequantize())
     x = torch.randn(3, 192)
     assert torch.allclose(layer(x), x @ qw.dequantize().T, atol=1e-5)
@@ -68,8 +71,8 @@ def test_kernel_switch(monkeypatch):
 
     class Stub:
         @staticmethod
-        def gptq_matmul(x, qweight, qzeros, scales, g_idx, bits, group_size):
-            calls.append((qweight is layer.qweight, bits, group_size))
+        def gptq_matmul(x, qweight, qzeros, scales, g_idx, bits, group_size, zero_offset):
+            calls.append((qweight is layer.qweight, bits, group_size, zero_offset))
             return x @ qw.dequantize().T
 
     monkeypatch.setattr(qlinear, "_load_kernels", lambda: Stub)
@@ -78,7 +81,7 @@ def test_kernel_switch(monkeypatch):
     assert calls == []  # auto: CPU inputs take the torch path
     monkeypatch.setenv("LLMQUANT_KERNEL", "triton")
     assert torch.allclose(layer(x), x @ qw.dequantize().T, atol=1e-5)
-    assert calls == [(True, 4, 32)]
+    assert calls == [(True, 4, 32, 1)]
     monkeypatch.setenv("LLMQUANT_KERNEL", "torch")
     layer(x)
     assert len(calls) == 1

@@ -78,7 +78,7 @@ def packed(tmp_path_factory):
     root = tmp_path_factory.mktemp("publish")
     src = make_tiny_model(root / "hub/models--me--tiny-llama/snapshots/0123abc", "llama")  # as the Hub's cache has it
     (src / "README.md").write_text("---\nlicense: apache-2.0\n---\n# a tiny model\n")
-    quantize(src, QuantConfig(bits=4, group_size=32), root / "q", progress=False)
+    quantize(src, QuantConfig(method="rtn", bits=4, group_size=32), root / "q", progress=False)
     return root / "q"
 
 
@@ -137,7 +137,7 @@ def test_bad_pushes_are_one_line_and_upload_nothing(packed, hub, tmp_path):
     server, state = hub
     port = server.server_address[1]
     unlicensed = tmp_path / "unlicensed"
-    quantize(make_tiny_model(tmp_path / "src", "llama"), QuantConfig(bits=4, group_size=32), unlicensed,
+    quantize(make_tiny_model(tmp_path / "src", "llama"), QuantConfig(method="rtn", bits=4, group_size=32), unlicensed,
              progress=False)
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -170,7 +170,7 @@ def test_quantize_can_push_and_checks_where_before_any_work(hub, tmp_path):
     port = server.server_address[1]
     src = make_tiny_model(tmp_path / "src", "llama")
     env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_TELEMETRY": "1"}
-    common = [sys.executable, "-m", "llmquant", "quantize", str(src), "--bits", "4", "--group-size", "32"]
+    common = [sys.executable, "-m", "llmquant", "quantize", str(src), "--method", "rtn", "--bits", "4", "--group-size", "32"]
     bad = subprocess.run([*common, "--out", str(tmp_path / "bad"), "--push-to-hub", "not a repo"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and "is not a Hub repo id" in bad.stderr and not (tmp_path / "bad").exists()
@@ -189,7 +189,7 @@ def test_a_folder_of_gguf_files_goes_up_as_one_repo(hub, tmp_path):
     folder = tmp_path / "ggufs"
     folder.mkdir()
     for mix in ("Q8_0", "Q4_K_M"):
-        quantize(src, QuantConfig(format="gguf", gguf_type=mix), folder / f"tiny-{mix}.gguf", progress=False)
+        quantize(src, QuantConfig(method="rtn", format="gguf", gguf_type=mix), folder / f"tiny-{mix}.gguf", progress=False)
     run = push([folder, "me/tiny-gguf", "--license", "mit", "--base-model", "me/tiny"], server.server_address[1])
     assert run.returncode == 0, run.stderr
     assert set(state["files"]) == {"tiny-Q8_0.gguf", "tiny-Q4_K_M.gguf", "README.md"}

@@ -209,7 +209,7 @@ def test_budget_too_small_says_how_much_is_needed(four_block_model, calib, tmp_p
     code, _, err = run(capsys, "quantize", four_block_model, "--method", "gptq", "--calib", calib,
                        "--max-memory", "100MB", "--out", out)
     assert_one_line_error(code, err, "--max-memory", "too small", "need about", "GiB")
-    assert_one_line_error(*run(capsys, "quantize", four_block_model, "--max-memory", "lots", "--out", out)[::2],
+    assert_one_line_error(*run(capsys, "quantize", four_block_model, "--method", "rtn", "--max-memory", "lots", "--out", out)[::2],
                           "--max-memory", "lots")
     assert list(tmp_path.iterdir()) == []
 
@@ -255,7 +255,7 @@ def test_too_little_disk_is_refused_before_the_work(four_block_model, tmp_path, 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(writer.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
     out = tmp_path / "out.gguf"
-    assert_one_line_error(*run(capsys, "quantize", four_block_model, "--format", "gguf", "--gguf-type", "Q8_0",
+    assert_one_line_error(*run(capsys, "quantize", four_block_model, "--method", "rtn", "--format", "gguf", "--gguf-type", "Q8_0",
                                "--out", out)[::2], "needs about", "GiB are free")
     assert list(tmp_path.iterdir()) == []
 

@@ -7,6 +7,7 @@ checkpoint: config.json with `quantization_config`, quantize_config.json (gptq) 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -20,25 +21,26 @@ from ..errors import UserError, require_finite
 from ..models.loader import tensor_headers
 from ..nn.qlinear import QuantLinear
 from ..numerics.grid import SUPPORTED_BITS, QuantizedWeight
-from ..numerics.pack import pack_awq, pack_gptq, unpack_awq
+from ..numerics.pack import ZERO_OFFSETS, pack_awq, pack_gptq, unpack_awq
+from ..serving import runtimes
 from ..version import __version__
 from .atomic import atomic_directory
 from .shards import Planned, ShardedWriter
 
 PACKED = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales")}
-PACKERS = {"gptq": pack_gptq, "awq": pack_awq}
 COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
           "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
 
 
 def gptq_config(bits: int, group_size: int, sym: bool, desc_act: bool = False, method: str = "rtn",
                 skipped: list[str] = (), static_groups: bool = False, block_linears: list[str] = (),
-                blocks: int = 0, **meta) -> dict:
-    """The `quantization_config` of a gptq checkpoint (also written as quantize_config.json)."""
+                blocks: int = 0, checkpoint_format: str = "gptq", **meta) -> dict:
+    """The `quantization_config` of a gptq checkpoint (also written as quantize_config.json);
+    checkpoint_format gptq (v1) or gptq_v2 says how qzeros store the zero point (numerics/pack.py)."""
     config = {
         "quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym,
         "static_groups": static_groups, "true_sequential": True, "damp_percent": meta.pop("damp_percent", 0.01),
-        "checkpoint_format": "gptq", "pack_dtype": "int32", "lm_head": False,
+        "checkpoint_format": checkpoint_format, "pack_dtype": "int32", "lm_head": False,
         "meta": {"quantizer": [f"llmquant:{__version__}"], "method": method, **meta},
     }
     if skipped:
@@ -103,7 +105,8 @@ class HFSink:
         q = quantization_config
         self.directory, self.q, self.config, self.source_dir, self.read = Path(directory), q, config, source_dir, read
         self.rename = rename or (lambda name: name)  # module name -> the float checkpoint's name for it
-        self.pack = PACKERS[q["quant_method"]]
+        self.pack = pack_awq if q["quant_method"] == "awq" else functools.partial(
+            pack_gptq, zero_offset=ZERO_OFFSETS[q["checkpoint_format"]])
         packed = {f"{name}.weight" for name in linears}
         plan = {self.rename(n): Planned(t.dtype, t.shape) for n, t in state.items() if n not in packed}
         for name in linears:
@@ -168,8 +171,9 @@ def read_quantization_config(path: Path) -> dict:
     method = q.get("quant_method")
     if method not in PACKED:
         raise UserError(f"{path}: quant_method '{method}' is not readable here (supported: gptq, awq)")
-    if method == "gptq" and q.get("checkpoint_format", "gptq") != "gptq":
-        raise UserError(f"{path}: checkpoint_format '{q['checkpoint_format']}' is not supported (gptq)")
+    if method == "gptq" and q.get("checkpoint_format", "gptq") not in ZERO_OFFSETS:
+        raise UserError(f"{path}: checkpoint_format '{q['checkpoint_format']}' is not supported "
+                        f"({', '.join(ZERO_OFFSETS)})")
     if method == "awq" and str(q.get("version", "gemm")).lower() != "gemm":
         raise UserError(f"{path}: awq version '{q['version']}' is not supported (gemm)")
     bits, group = q.get("bits", q.get("w_bit")), q.get("group_size", q.get("q_group_size"))
@@ -177,7 +181,7 @@ def read_quantization_config(path: Path) -> dict:
             or not (group == -1 or group > 0)):
         raise UserError(f"{path}: unsupported {method} quantization_config bits={bits} group_size={group}")
     sym = q.get("sym", q.get("meta", {}).get("sym", False)) if method == "awq" else q.get("sym", True)
-    return {**q, "bits": bits, "group_size": group, "sym": sym}
+    return {**q, "bits": bits, "group_size": group, "sym": sym, "checkpoint_format": q.get("checkpoint_format", "gptq")}
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -210,13 +214,10 @@ def _expected_shapes(in_f: int, out_f: int, bits: int, group_size: int,
             "scales": (groups, out_f), "g_idx": (in_f,)}
 
 
-def _awq_as_gptq(path: Path, name: str, tensors: dict[str, torch.Tensor], q: dict) -> dict[str, torch.Tensor]:
-    """QuantLinear holds the gptq layout: repack an awq linear into it, exactly (zero points >= 1)."""
-    qw = unpack_awq(tensors, q["group_size"], q["sym"])
-    if (qw.zeros < 1).any():
-        raise UserError(f"{path}: '{name}' stores a zero point of 0, which the gptq-layout QuantLinear "
-                        f"cannot hold (it stores zero - 1)")
-    return pack_gptq(qw)
+def _zero_offset(q: dict) -> int:
+    """What QuantLinear's qzeros lack: the checkpoint's convention for gptq; awq stores raw zeros, which the
+    v2 convention holds exactly (v1 cannot hold a zero of 0)."""
+    return ZERO_OFFSETS[q["checkpoint_format"]] if q["quant_method"] == "gptq" else ZERO_OFFSETS["gptq_v2"]
 
 
 def load_quantized(path: Path, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -256,7 +257,7 @@ def load_quantized(path: Path, device: str | torch.device = "cpu") -> torch.nn.M
                             f"that holds awq weights needs a multiple of 8")
         with torch.device("meta"):
             layer = QuantLinear(linear.in_features, linear.out_features, q["bits"], q["group_size"],
-                                q["sym"], linear.bias is not None, linear.weight.dtype)
+                                q["sym"], linear.bias is not None, linear.weight.dtype, _zero_offset(q))
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
     # awq tensors are repacked into QuantLinear's gptq buffers; their shapes were checked above
@@ -280,8 +281,9 @@ def load_quantized(path: Path, device: str | torch.device = "cpu") -> torch.nn.M
                 groups = expected[name.removesuffix("g_idx") + "scales"].shape[0]
                 value = _checked_g_idx(path, name, value, groups)
             set_module_tensor_to_device(model, name, device, value=value)
-    for module, tensors in awq_tensors.items():
-        for field, value in _awq_as_gptq(path, module, tensors, q).items():
+    for module, tensors in awq_tensors.items():  # QuantLinear holds the gptq layout: repacked exactly
+        qw = unpack_awq(tensors, q["group_size"], q["sym"])
+        for field, value in pack_gptq(qw, _zero_offset(q)).items():
             set_module_tensor_to_device(model, f"{module}.{field}", device, value=value)
     model.tie_weights()
     missing = [n for n, t in model.state_dict().items() if t.is_meta]
@@ -315,6 +317,7 @@ def describe(path: Path) -> dict:
     files = weight_files(path)
     headers = tensor_headers(files)
     quant_bytes = weights = 0
+    shapes = set()
     for name in {n.rsplit(".", 1)[0] for n in headers if n.endswith(".qweight")}:
         fields = [headers.get(f"{name}.{field}") for field in PACKED[method]]
         if None in fields:
@@ -329,14 +332,17 @@ def describe(path: Path) -> dict:
                                 f"but quantization_config ({q['bits']} bits, group {q['group_size']}) gives "
                                 f"{list(shape)}")
         weights += in_f * out_f
+        shapes.add((in_f, out_f))
     packed = {f"{n.rsplit('.', 1)[0]}.{field}" for n in headers if n.endswith(".qweight") for field in PACKED[method]}
     params = weights + sum(math.prod(t.shape) for n, t in headers.items() if n not in packed)
     size = sum(f.stat().st_size for f in files)
     return {
         "path": str(path), "quant_method": q["quant_method"], "bits": q["bits"], "group_size": q["group_size"],
-        "sym": q.get("sym"), "desc_act": q.get("desc_act"), "files": len(files),
+        "sym": q.get("sym"), "desc_act": q.get("desc_act"), "static_groups": q.get("static_groups"),
+        "checkpoint_format": q["checkpoint_format"] if method == "gptq" else None, "files": len(files),
         "size_bytes": size, "tensors": len(headers),
         "quantized_linears": sum(n.endswith(".qweight") for n in headers), "quantized_weights": weights,
         "bpw": 8 * quant_bytes / weights if weights else None, "parameters": params,
         "bits_per_parameter": 8 * size / params if params else None, "meta": q.get("meta", {}),
+        "serving": [r.to_dict() for r in runtimes(q, sorted(shapes))],
     }

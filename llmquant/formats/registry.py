@@ -66,20 +66,22 @@ class IntegerLayout:
         from .hf import HFSink, awq_config, gptq_config
 
         spec, adapter = config.spec(), checkpoint.adapter
-        calibration = {} if config.method == "rtn" else {"calibration": f"{config.calib or 'wikitext2'}, "
-                                                          f"{config.n_samples} x {config.seqlen} tokens, seed {config.seed}"}
+        meta = {"command": config.as_command(source)}  # what the card shows to reproduce the run
+        if config.method != "rtn":
+            meta["calibration"] = f"{config.calib}, {config.n_samples} x {config.seqlen} tokens, seed {config.seed}"
         skipped = [adapter.to_disk(n) for n in plan.skipped]  # the float checkpoint's names, as the file's
         first = adapter.block_prefix(0)
         in_block = [adapter.to_disk(first + n).removeprefix(first) for n in adapter.linears()]
         if self.name == "awq":
             q = awq_config(spec.group_size, spec.sym, method=config.method, skipped=skipped, clip=spec.clip,
-                           source=source, **calibration)
+                           source=source, **meta)
         else:
             act_order, static_groups = config.gptq_order()
             q = gptq_config(spec.bits, spec.group_size, spec.sym, desc_act=act_order and not static_groups,
                             method=config.method, skipped=skipped, clip=spec.clip, source=source,
                             damp_percent=config.damp, static_groups=static_groups, block_linears=in_block,
-                            blocks=len(adapter.blocks(checkpoint.model)), **calibration)
+                            blocks=len(adapter.blocks(checkpoint.model)),
+                            checkpoint_format=config.checkpoint_format, **meta)
         return HFSink(tmp, checkpoint.state_shapes(), plan.targets, q, checkpoint.model.config.to_dict(),
                       checkpoint.path, checkpoint.read, rename=adapter.to_disk)
 

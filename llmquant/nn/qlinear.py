@@ -47,10 +47,11 @@ def kernels_for(x: torch.Tensor):
 
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, sym: bool,
-                 bias: bool, dtype: torch.dtype = torch.float16):
+                 bias: bool, dtype: torch.dtype = torch.float16, zero_offset: int = 1):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.sym = bits, group_size, sym
+        self.zero_offset = zero_offset  # qzeros hold zero - zero_offset: 1 in gptq (v1) checkpoints, 0 in gptq_v2
         groups = 1 if group_size == -1 else math.ceil(in_features / group_size)
         self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32))
         self.register_buffer("qzeros", torch.zeros(groups, out_features * bits // 32, dtype=torch.int32))
@@ -59,10 +60,11 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
 
     @classmethod
-    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> "QuantLinear":
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None,
+                       zero_offset: int = 1) -> "QuantLinear":
         layer = cls(qw.in_features, qw.out_features, qw.bits, qw.group_size, qw.sym, bias is not None,
-                    bias.dtype if bias is not None else torch.float16)
-        for name, tensor in pack_gptq(qw).items():
+                    bias.dtype if bias is not None else torch.float16, zero_offset)
+        for name, tensor in pack_gptq(qw, zero_offset).items():
             getattr(layer, name).copy_(tensor)
         if bias is not None:
             layer.bias.copy_(bias)
@@ -70,7 +72,7 @@ class QuantLinear(nn.Module):
 
     def unpack(self) -> QuantizedWeight:
         tensors = {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales, "g_idx": self.g_idx}
-        return unpack_gptq(tensors, self.bits, self.group_size, self.sym)
+        return unpack_gptq(tensors, self.bits, self.group_size, self.sym, self.zero_offset)
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight [out, in] this layer computes with."""
@@ -80,11 +82,12 @@ class QuantLinear(nn.Module):
         kernels = kernels_for(x)
         if kernels is not None:
             y = kernels.gptq_matmul(x.reshape(-1, self.in_features), self.qweight, self.qzeros, self.scales,
-                                    self.g_idx, self.bits, self.group_size).reshape(*x.shape[:-1], -1)
+                                    self.g_idx, self.bits, self.group_size,
+                                    zero_offset=self.zero_offset).reshape(*x.shape[:-1], -1)
             return y if self.bias is None else y + self.bias.to(y.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantize_weight(x.dtype), bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, sym={self.sym}")
+                f"group_size={self.group_size}, sym={self.sym}, zero_offset={self.zero_offset}")

@@ -57,11 +57,16 @@ def unpack_int32(words: torch.Tensor, bits: int, dim: int, n: int | None = None)
     return codes.narrow(dim, 0, n).to(torch.uint8).contiguous()
 
 
-def pack_gptq(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
-    """The gptq (v1) tensors of one linear: codes packed along the input dimension, zeros stored
-    as zero - 1 and packed along the output dimension, scales float16 [groups, out]."""
+# checkpoint_format -> what a stored zero point lacks: v1 ("gptq", AutoGPTQ's convention) stores zero - 1,
+# so an asymmetric zero of 0 wraps to 2^bits - 1 and reads back as 2^bits; v2 stores the zero itself
+ZERO_OFFSETS = {"gptq": 1, "gptq_v2": 0}
+
+
+def pack_gptq(qw: QuantizedWeight, zero_offset: int = 1) -> dict[str, torch.Tensor]:
+    """The gptq tensors of one linear: codes packed along the input dimension, zeros stored as
+    zero - zero_offset (see ZERO_OFFSETS) and packed along the output dimension, scales float16 [groups, out]."""
     maxq = (1 << qw.bits) - 1
-    stored = (qw.zeros - 1) & maxq
+    stored = (qw.zeros - zero_offset) & maxq
     return {
         "qweight": pack_int32(qw.codes.T, qw.bits, dim=0),
         "qzeros": pack_int32(stored.T, qw.bits, dim=1),
@@ -70,12 +75,13 @@ def pack_gptq(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     }
 
 
-def unpack_gptq(tensors: dict[str, torch.Tensor], bits: int, group_size: int, sym: bool) -> QuantizedWeight:
-    """Exact inverse of pack_gptq (zero = stored + 1, the v1 convention)."""
+def unpack_gptq(tensors: dict[str, torch.Tensor], bits: int, group_size: int, sym: bool,
+                zero_offset: int = 1) -> QuantizedWeight:
+    """Exact inverse of pack_gptq (zero = stored + zero_offset)."""
     out_features = tensors["qweight"].shape[1]
     in_features = tensors["g_idx"].shape[0]
     codes = unpack_int32(tensors["qweight"], bits, dim=0, n=in_features).T
-    zeros = unpack_int32(tensors["qzeros"], bits, dim=1, n=out_features).to(torch.int32) + 1
+    zeros = unpack_int32(tensors["qzeros"], bits, dim=1, n=out_features).to(torch.int32) + zero_offset
     return QuantizedWeight(codes.contiguous(), tensors["scales"].float().T.contiguous(), zeros.T.contiguous(),
                            tensors["g_idx"].to(torch.int32), bits, group_size, sym)
 

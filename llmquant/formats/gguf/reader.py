@@ -17,6 +17,7 @@ from ...errors import UserError, require_finite
 from .mixes import MIXES
 from ...numerics.ggml import CODECS
 from .validate import GGUFSummary, check_gguf
+from ...serving import gguf_runtimes
 from ...models.adapters import adapter_for
 from ...models.experts import expert_of
 from .writer import PERMUTED, arch_of, gguf_name, heads_of, unpermute_rows
@@ -46,7 +47,8 @@ def describe_gguf(path: str | Path) -> dict:
             "tensor_types": types, "quantized_weights": weights,
             "bpw": 8 * sum(t.nbytes for t in matrices) / max(weights, 1), "size_bytes": s.file_size,
             "blocks": s.metadata.get(f"{arch}.block_count"), "tokenizer": s.metadata.get("tokenizer.ggml.model"),
-            "quantized_by": s.metadata.get("general.quantized_by")}
+            "quantized_by": s.metadata.get("general.quantized_by"),
+            "serving": [r.to_dict() for r in gguf_runtimes()]}
 
 
 def _tensor(mm: np.memmap, summary: GGUFSummary, info) -> torch.Tensor:
