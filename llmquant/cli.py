@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from .errors import UserError, one_line
 
@@ -16,9 +17,10 @@ EPILOG = "MODEL is a local Hugging Face checkpoint directory, a Hub id (online),
 
 
 def _add_eval_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
-    p.add_argument(f"--{prefix}data", default="wikitext2",
+    p.add_argument(f"--{prefix}data", default=None if not prefix else "wikitext2",
                    help="evaluation text: a .txt/.jsonl/.parquet file, or a dataset recipe name "
-                        "(wikitext2 = its test split, needs the Hub) (default: wikitext2)")
+                        "(wikitext2 = its test split, needs the Hub) (default: wikitext2"
+                        + ("" if prefix else "; with --tasks, no perplexity unless given") + ")")
     p.add_argument(f"--{prefix}seqlen", type=int, default=1024, help="tokens per window (default: 1024)")
     p.add_argument(f"--{prefix}windows", type=int, default=32, help="windows scored (default: 32)")
 
@@ -119,8 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--group-size then only steer AWQ's search) (default: gptq)")
     q.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], default="gptq",
                    help="--format gptq: how qzeros store each zero point. gptq (v1, AutoGPTQ's) stores zero - 1 and "
-                        "cannot hold an asymmetric zero of 0; gptq_v2 stores the zero itself (GPTQModel's own "
-                        "format; vLLM and transformers read v1) (default: gptq)")
+                        "cannot hold an asymmetric zero of 0; gptq_v2 stores the zero itself. transformers reads "
+                        "both; GPTQModel loads asymmetric checkpoints from other tools only as gptq_v2; vLLM serves "
+                        "only symmetric ones, in either (`llmquant inspect` says where a checkpoint runs) "
+                        "(default: gptq)")
     q.add_argument("--out", required=True, help="output directory, or file for --format gguf (written atomically)")
     q.add_argument("--device", default="cpu", help="where blocks are quantized: cpu | cuda (default: cpu)")
     q.add_argument("--max-memory", metavar="SIZE",
@@ -146,9 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     q.add_argument("--license", help="with --push-to-hub: the card's license, if the base model's card lacks one")
 
-    e = sub.add_parser("eval", help="perplexity (and KLD / top-1 against a base model)", epilog=EPILOG,
+    e = sub.add_parser("eval", help="perplexity, KLD / top-1 against a base model, task accuracy", epilog=EPILOG,
                        description="Score PATH on non-overlapping windows of a text; with --base, also the mean "
-                                   "KL divergence and top-1 agreement against the base model's predictions.")
+                                   "KL divergence and top-1 agreement against the base model's predictions. "
+                                   "--tasks adds lm-evaluation-harness accuracy (and retention against --base); "
+                                   "--card keeps the results beside PATH and puts them in its model card.")
     e.add_argument("paths", metavar="PATH", nargs="+",
                    help="packed or float checkpoint, GGUF file, or 'demo'; several are scored on the same windows, "
                         "the base model running once for all")
@@ -158,6 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--speed", action="store_true",
                    help="also measure inference speed and memory against --base (as `llmquant bench`)")
     _add_speed_args(e)
+    e.add_argument("--tasks", metavar="T1,T2",
+                   help="lm-evaluation-harness tasks, comma-separated (e.g. hellaswag,arc_easy): accuracy, and with "
+                        "--base the base's and the retention (quantized / base). Needs pip install "
+                        "'llmquant[eval]'; offline, a task needs local data (see --tasks-path)")
+    e.add_argument("--tasks-path", metavar="DIR", help="a folder of lm-eval task definitions (YAML) to add to its own")
+    e.add_argument("--limit", type=int, metavar="N", help="score only the first N documents of each task")
+    e.add_argument("--num-fewshot", type=int, metavar="K", help="few-shot examples per task (default: the task's)")
+    e.add_argument("--card", action="store_true",
+                   help="record the results beside PATH (one packed folder or GGUF file) and refresh its model card")
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
     g = sub.add_parser("generate", help="generate text from a packed or float checkpoint")
@@ -266,6 +281,8 @@ def cmd_quantize(args) -> None:
         ev = _evaluate([args.out], text, args.eval_seqlen, args.eval_windows, args.model, args.device)
         result["eval"] = ev[str(args.out)].to_dict()
         result["speed"] = _bench(args, args.out, args.model)
+        _record(args.out, {**result["eval"], "speed": result["speed"]}, args.eval_data, args.eval_seqlen,
+                args.eval_windows, args.model, args.device)
     if args.json:
         print(json.dumps(result))
     else:
@@ -281,22 +298,98 @@ def cmd_eval(args) -> None:
     from .api import check_device
 
     check_device(args.device)
-    text = _eval_text(args.data)
-    results = _evaluate(args.paths, text, args.seqlen, args.windows, args.base, args.device)
-    dicts = {p: r.to_dict() for p, r in results.items()}
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    if args.tasks is not None and not tasks:
+        raise UserError("--tasks names no task")
+    if args.card:
+        _check_card_target(args.paths)
+    manager = None
+    if tasks:  # unknown names and a missing lm-eval are one line, before any model is loaded
+        from .tasks import task_manager
+
+        manager = task_manager(tasks, args.tasks_path)
+    data = args.data or (None if tasks else "wikitext2")
+    dicts = {str(p): {} for p in args.paths}
+    if data:
+        results = _evaluate(args.paths, _eval_text(data), args.seqlen, args.windows, args.base, args.device)
+        for path, result in results.items():
+            dicts[path].update(result.to_dict())
+    if tasks:
+        for path, scored in _score_tasks(args, tasks, manager).items():
+            dicts[path]["tasks"] = scored
     if args.speed:
         for p in args.paths:
             dicts[str(p)]["speed"] = _bench(args, p, args.base)
+    if args.card:
+        _record(args.paths[0], dicts[str(args.paths[0])], data, args.seqlen, args.windows, args.base, args.device)
     if args.json:  # one object: the result itself, or {path: result} for several paths
         print(json.dumps(next(iter(dicts.values())) if len(dicts) == 1 else dicts))
         return
-    for path, result in results.items():
-        line = f"ppl {result.ppl:.4f} over {result.tokens} tokens ({result.windows} windows of {args.seqlen})"
-        if result.kld is not None:
-            line += f"; KLD {result.kld:.5f}, top-1 agreement {result.top1:.4f}"
-        print(f"{path}: {line}" if len(results) > 1 else line)
+    for path, result in dicts.items():
+        say = (lambda line: print(f"{path}: {line}")) if len(dicts) > 1 else print
+        if "ppl" in result:
+            line = f"ppl {result['ppl']:.4f} over {result['tokens']} tokens ({result['windows']} windows of {args.seqlen})"
+            if result["kld"] is not None:
+                line += f"; KLD {result['kld']:.5f}, top-1 agreement {result['top1']:.4f}"
+            say(line)
+        for task, r in result.get("tasks", {}).get("results", {}).items():
+            kept = f" (base {r['base']:.4f}, retention {r['retention']:.3f})" if r.get("retention") is not None else ""
+            say(f"{task}: {r['metric']} {r['value']:.4f} +- {r['stderr']:.4f}{kept}")
         if args.speed:
-            _print_speed(dicts[path]["speed"])
+            _print_speed(result["speed"])
+    if args.card:
+        print(f"recorded in {args.paths[0]}'s model card", file=sys.stderr)
+
+
+def _check_card_target(paths) -> None:
+    """--card writes beside one quantized output: never into a float model's folder."""
+    from .api import is_quantized
+    from .formats.gguf.reader import is_gguf
+
+    if len(paths) != 1:
+        raise UserError("--card records the results of one PATH; give one")
+    path = Path(paths[0])
+    if not (is_gguf(path) or (path.is_dir() and is_quantized(path))):
+        raise UserError(f"--card records results beside a packed folder or GGUF file written by llmquant, not {path}")
+
+
+def _score_tasks(args, tasks, manager) -> dict:
+    """{path: lm-eval scores with retention}; the base is scored once, first."""
+    from .api import load_any
+    from .tasks import run_tasks, with_retention
+
+    def score(path):
+        model, tokenizer = load_any(path, args.device, exact=True)
+        return run_tasks(model, tokenizer, tasks, manager, limit=args.limit, num_fewshot=args.num_fewshot)
+
+    base = score(args.base) if args.base else None
+    return {str(p): with_retention(score(p), base) for p in args.paths}
+
+
+def _record(path, result: dict, data, seqlen, windows, base, device) -> None:
+    from .publish import record_results
+
+    quality = None
+    if "ppl" in result:
+        quality = {k: v for k, v in result.items() if k not in ("tasks", "speed")}
+        quality.update(data=data, seqlen=seqlen, windows=windows, base=base)
+    speed = result.get("speed")
+    record_results(path, quality=quality, tasks=result.get("tasks"),
+                   speed=None if speed is None else {**speed, "device": _device_name(device)})
+
+
+def _device_name(device: str) -> str:
+    """The processor a speed was measured on, for the card."""
+    import platform
+
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else \
+        platform.processor()
+    return f"{cpu or 'CPU'}, {torch.get_num_threads()} threads"
 
 
 def _bench(args, path, base) -> dict:

@@ -25,6 +25,7 @@ class EvalResult:
     windows: int
     kld: float | None = None  # mean KL(base || model) per scored token (nats)
     top1: float | None = None  # fraction of positions where argmax(model) == argmax(base)
+    base_ppl: float | None = None  # the base model's perplexity on the same windows
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,8 +73,11 @@ def evaluate_many(models: dict, tokenizer, text: str, seqlen: int = 1024, window
         if m is not None:
             m.eval()  # dropout would make the scores random
     sums = {name: {"nll": 0.0, "kld": 0.0, "agree": 0.0} for name in models}
+    base_nll = 0.0
     for window in tqdm(batches, desc="eval", unit="window", disable=not progress):
         logp_base = None if base is None else _log_probs(base, window)
+        if logp_base is not None:
+            base_nll -= logp_base.gather(1, window[1:].to(logp_base.device).unsqueeze(1)).sum().item()
         for name, model in models.items():
             logp = _log_probs(model, window)
             targets = window[1:].to(logp.device)
@@ -90,6 +94,7 @@ def evaluate_many(models: dict, tokenizer, text: str, seqlen: int = 1024, window
         name: EvalResult(
             ppl=math.exp(acc["nll"] / tokens), nll=acc["nll"] / tokens, tokens=tokens, windows=batches.shape[0],
             kld=None if base is None else acc["kld"] / tokens, top1=None if base is None else acc["agree"] / tokens,
+            base_ppl=None if base is None else math.exp(base_nll / tokens),
         )
         for name, acc in sums.items()
     }

@@ -1,14 +1,17 @@
 """Publishing a quantized checkpoint to the Hugging Face Hub: its model card, and one commit of its files.
 
-The card (README.md) is written into every packed folder when it is made, and again by `push`: metadata the
-Hub reads (base model, relation, license, tags), then the method and its settings, the size, and how to load
-it. `push` validates what it uploads the way `llmquant inspect` and the loaders do, creates the repo if
+The card (README.md) is written into every packed folder when it is made, and again by `push` and by
+`eval --card`: metadata the Hub reads (base model, relation, license, tags), then the method and its settings,
+the size, where it runs (serving.py), the quality, task accuracy and speed measured so far (kept beside the
+checkpoint in its evaluation record), how to load it and the command that reproduces it. `push` validates what it uploads the way `llmquant inspect` and the loaders do, creates the repo if
 needed, and uploads everything in one commit through huggingface_hub; the token comes from HF_TOKEN or the
 saved login and is never printed. The local checkpoint is only read.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -17,6 +20,38 @@ from .errors import UserError
 from .version import __version__
 
 DEMO_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what `demo` is built from
+EVAL_RECORD = "llmquant_eval.json"  # a folder's measurements; a GGUF file's sit beside it as FILE.llmquant_eval.json
+
+
+def record_path(path: Path) -> Path:
+    path = Path(path)
+    return path / EVAL_RECORD if path.is_dir() else path.with_name(f"{path.name}.{EVAL_RECORD}")
+
+
+def read_record(path: Path) -> dict:
+    """What has been measured of a checkpoint (quality, tasks, speed); {} when nothing has, or the record is
+    unreadable (it is ours, but a card must not fail for a damaged one)."""
+    try:
+        record = json.loads(record_path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def record_results(path: Path, **results) -> None:
+    """Merge measurements (quality=..., tasks=..., speed=...) into the checkpoint's record and refresh a folder's
+    card. Each file is replaced whole (written aside, then renamed): never left half-written."""
+    path = Path(path)
+    record = {**read_record(path), **{k: v for k, v in results.items() if v is not None}}
+    _replace_text(record_path(path), json.dumps(record, indent=2))
+    if path.is_dir():
+        write_card(path)
+
+
+def _replace_text(target: Path, text: str) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, target)
 
 
 def _base_card(source: str | None):
@@ -53,15 +88,18 @@ def settings_of(path: Path) -> dict:
         infos = [describe_gguf(f) for f in (ggufs or [path])]
         return {"format": "gguf", "method": None, "mix": ", ".join(i["mix"] for i in infos),
                 "bpw": infos[0]["bpw"] if len(infos) == 1 else None, "size_bytes": sum(i["size_bytes"] for i in infos),
-                "source": None, "files": [Path(i["path"]).name for i in infos]}
+                "source": None, "files": [Path(i["path"]).name for i in infos], "serving": infos[0]["serving"]}
     from .formats.hf import describe, weight_files
 
     info = describe(path)
     meta = info.get("meta") or {}
     return {"format": info["quant_method"], "method": meta.get("method"), "bits": info["bits"],
-            "group_size": info["group_size"], "sym": info["sym"], "desc_act": info["desc_act"], "bpw": info["bpw"],
+            "group_size": info["group_size"], "sym": info["sym"], "desc_act": info["desc_act"],
+            "checkpoint_format": info["checkpoint_format"], "bpw": info["bpw"],
             "size_bytes": info["size_bytes"], "source": meta.get("source"), "calibration": meta.get("calibration"),
-            "bits_per_parameter": info["bits_per_parameter"], "files": [f.name for f in weight_files(path)]}
+            "command": meta.get("command"), "version": (meta.get("quantizer") or [None])[0],
+            "bits_per_parameter": info["bits_per_parameter"], "files": [f.name for f in weight_files(path)],
+            "serving": info["serving"]}
 
 
 def model_card(path: Path, repo_id: str | None = None, license: str | None = None, base_model: str | None = None):
@@ -84,27 +122,86 @@ def model_card(path: Path, repo_id: str | None = None, license: str | None = Non
             f"{'A GGUF file' if gguf else 'A packed checkpoint'} of "
             f"{f'[{base}](https://huggingface.co/{base})' if base else 'its base model'}, quantized by "
             f"llmquant {__version__}.", "", "| setting | value |", "|---|---|"]
-    rows = {"format": s["format"], "method": s["method"], "bits": s.get("bits"), "group size": s.get("group_size"),
+    rows = {"format": s["format"], "checkpoint format": s.get("checkpoint_format"), "method": s["method"],
+            "bits": s.get("bits"), "group size": s.get("group_size"),
             "symmetric": s.get("sym"), "act-order (desc_act)": s.get("desc_act"), "GGUF mix": s.get("mix"),
             "calibration": s.get("calibration"), "size": f"{s['size_bytes'] / 2**20:.1f} MiB",
             "bits per quantized weight": f"{s['bpw']:.3f}" if s["bpw"] else None,
             "bits per parameter": f"{s['bits_per_parameter']:.3f}" if s.get("bits_per_parameter") else None}
     body += [f"| {k} | {v} |" for k, v in rows.items() if v is not None]
+    body += ["", "## Where it runs", "", "| runtime | loads | kernel, or why not |", "|---|---|---|"]
+    body += [f"| {r['name']} | {'yes' if r['loads'] else 'no'} | {r['how']} |" for r in s["serving"]]
+    record = read_record(path)
+    body += _quality(record.get("quality")) + _tasks(record.get("tasks")) + _speed(record.get("speed"))
     body += ["", "## Loading it", ""] + _snippets(repo, s)
+    if s.get("command"):
+        body += ["", "## Reproducing it", "", "```bash", s["command"], "```", "",
+                 f"({s['version'] or 'llmquant'}; OUT is the output folder.)"]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
 
 
+def _quality(q: dict | None) -> list[str]:
+    if not q:
+        return []
+    lines = ["", "## Quality", "", f"`llmquant eval` on {q['data']} ({q['windows']} windows of {q['seqlen']} tokens, "
+             f"{q['tokens']:,} tokens scored)" + (f" against {q['base']}" if q.get("base") else "") + ":", ""]
+    if q.get("kld") is None:
+        return lines + [f"perplexity {q['ppl']:.4f}"]
+    return lines + ["| measure | base | this model |", "|---|---|---|",
+                    f"| perplexity | {q['base_ppl']:.4f} | {q['ppl']:.4f} |",
+                    f"| KL divergence from the base (nats per token) | 0 | {q['kld']:.5f} |",
+                    f"| top-1 agreement with the base | 1 | {q['top1']:.4f} |"]
+
+
+def _tasks(t: dict | None) -> list[str]:
+    if not t:
+        return []
+    lines = ["", "## Task accuracy", "", f"lm-evaluation-harness {t.get('lm_eval_version', '')}, "
+             f"{t.get('num_fewshot') or 0}-shot" + (f", first {t['limit']} documents" if t.get("limit") else "") + ":",
+             "", "| task | metric | base | this model | retention |", "|---|---|---|---|---|"]
+    for name, r in t["results"].items():
+        base = f"{r['base']:.4f}" if r.get("base") is not None else "-"
+        kept = f"{r['retention']:.3f}" if r.get("retention") is not None else "-"
+        lines.append(f"| {name} | {r['metric']} | {base} | {r['value']:.4f} ± {r['stderr']:.4f} | {kept} |")
+    return lines
+
+
+def _speed(sp: dict | None) -> list[str]:
+    if not sp:
+        return []
+    m = sp["model"]
+    lines = ["", "## Speed", "", f"`llmquant bench` on {sp.get('device', 'cpu')}: a {m['prompt_tokens']}-token prompt, "
+             f"{m['new_tokens']} new tokens, greedy, each model in its own process.", "",
+             "| model | dtype | prefill tokens/s | decode tokens/s | resident MiB |", "|---|---|---|---|---|"]
+    for r in [m, *sp.get("base", [])]:
+        lines.append(f"| {'this model' if r is m else 'base'} | {r['dtype']} | {r['prefill_tokens_per_s']:.1f} | "
+                     f"{r['decode_tokens_per_s']:.2f} | {r['rss_loaded_bytes'] / 2**20:.0f} |")
+    return lines
+
+
 def _snippets(repo: str, s: dict) -> list[str]:
+    """How to load it, exactly for this format and these settings (serving.py says which runtimes take it)."""
     if s["format"] == "gguf":
-        name = s["files"][0]
-        return ["llama.cpp:", "", "```bash", f"llama-cli -hf {repo} --hf-file {name} -p \"Hello\"", "```"]
-    return ["transformers (its GPTQ/AWQ support needs `gptqmodel` and `optimum` installed):", "", "```python",
-            "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-            f"model = AutoModelForCausalLM.from_pretrained(\"{repo}\", device_map=\"auto\")",
-            *([f"# where the default kernel refuses a width (not a multiple of the group size), add "
-               f"quantization_config=GPTQConfig(bits={s['bits']}, backend=\"torch\")"] if s["format"] == "gptq" else []),
-            f"tokenizer = AutoTokenizer.from_pretrained(\"{repo}\")", "```", "", "llmquant:", "", "```python",
-            "import llmquant", "", f"model, tokenizer = llmquant.load_any(\"{repo}\")", "```"]
+        name, mix = s["files"][0], s["mix"].split(", ")[0]
+        return ["llama.cpp:", "", "```bash", f"llama-cli -hf {repo} --hf-file {name} -p \"Hello\"", "```", "",
+                "Ollama:", "", "```bash", f"ollama run hf.co/{repo}:{mix}", "```"]
+    serving = {r["name"]: r for r in s["serving"]}
+    torch_backend = s["format"] == "gptq" and 'backend="torch"' in next(
+        r["how"] for n, r in serving.items() if n.startswith("transformers"))
+    config = {"gptq": f"GPTQConfig(bits={s['bits']}, backend=\"torch\")"}
+    lines = ["transformers (its GPTQ/AWQ support needs `gptqmodel` and `optimum` installed"
+             + ("; the default int4 CPU kernel refuses these widths, so the torch kernel is named" if torch_backend
+                else "") + "):", "", "```python",
+             "from transformers import AutoModelForCausalLM, AutoTokenizer"
+             + (f", {config[s['format']].split('(')[0]}" if torch_backend else ""), "",
+             f"model = AutoModelForCausalLM.from_pretrained(\"{repo}\", device_map=\"auto\""
+             + (f", quantization_config={config[s['format']]})" if torch_backend else ")"),
+             f"tokenizer = AutoTokenizer.from_pretrained(\"{repo}\")", "```"]
+    vllm = next((r for n, r in serving.items() if n.startswith("vLLM")), None)
+    if vllm is not None and vllm["loads"]:
+        lines += ["", f"vLLM ({vllm['how']}):", "", "```bash", f"vllm serve {repo}", "```"]
+    return lines + ["", "llmquant:", "", "```python", "import llmquant", "",
+                    f"model, tokenizer = llmquant.load_any(\"{repo}\")", "```"]
 
 
 def write_card(directory: Path) -> None:
