@@ -95,6 +95,7 @@ def settings_of(path: Path) -> dict:
     meta = info.get("meta") or {}
     return {"format": info["quant_method"], "method": meta.get("method"), "bits": info["bits"],
             "group_size": info["group_size"], "sym": info["sym"], "desc_act": info["desc_act"],
+            "static_groups": info["static_groups"],
             "checkpoint_format": info["checkpoint_format"], "bpw": info["bpw"],
             "size_bytes": info["size_bytes"], "source": meta.get("source"), "calibration": meta.get("calibration"),
             "command": meta.get("command"), "version": (meta.get("quantizer") or [None])[0],
@@ -124,7 +125,7 @@ def model_card(path: Path, repo_id: str | None = None, license: str | None = Non
             f"llmquant {__version__}.", "", "| setting | value |", "|---|---|"]
     rows = {"format": s["format"], "checkpoint format": s.get("checkpoint_format"), "method": s["method"],
             "bits": s.get("bits"), "group size": s.get("group_size"),
-            "symmetric": s.get("sym"), "act-order (desc_act)": s.get("desc_act"), "GGUF mix": s.get("mix"),
+            "symmetric": s.get("sym"), "act-order": _act_order(s), "GGUF mix": s.get("mix"),
             "calibration": s.get("calibration"), "size": f"{s['size_bytes'] / 2**20:.1f} MiB",
             "bits per quantized weight": f"{s['bpw']:.3f}" if s["bpw"] else None,
             "bits per parameter": f"{s['bits_per_parameter']:.3f}" if s.get("bits_per_parameter") else None}
@@ -138,6 +139,14 @@ def model_card(path: Path, repo_id: str | None = None, license: str | None = Non
         body += ["", "## Reproducing it", "", "```bash", s["command"], "```", "",
                  f"({s['version'] or 'llmquant'}; OUT is the output folder.)"]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
+
+
+def _act_order(s: dict) -> str | None:
+    if s["format"] != "gptq":
+        return None
+    if s.get("desc_act"):
+        return "yes, groups permuted (desc_act: true)"
+    return "yes, static groups (g_idx stays i // group size; desc_act: false)" if s.get("static_groups") else "no"
 
 
 def _quality(q: dict | None) -> list[str]:
@@ -199,7 +208,7 @@ def _snippets(repo: str, s: dict) -> list[str]:
              f"tokenizer = AutoTokenizer.from_pretrained(\"{repo}\")", "```"]
     vllm = next((r for n, r in serving.items() if n.startswith("vLLM")), None)
     if vllm is not None and vllm["loads"]:
-        lines += ["", f"vLLM ({vllm['how']}):", "", "```bash", f"vllm serve {repo}", "```"]
+        lines += ["", f"vLLM, on {vllm['how']}:", "", "```bash", f"vllm serve {repo}", "```"]
     return lines + ["", "llmquant:", "", "```python", "import llmquant", "",
                     f"model, tokenizer = llmquant.load_any(\"{repo}\")", "```"]
 

@@ -104,6 +104,37 @@ def test_every_packed_folder_carries_a_card_the_hub_parses(packed):
     assert data["base_model_relation"] == "quantized" and data["library_name"] == "transformers"
     assert data["pipeline_tag"] == "text-generation" and {"llmquant", "gptq", "4-bit"} <= set(data["tags"])
     assert "| bits | 4 |" in card.text and "| group size | 32 |" in card.text
+    assert "## Where it runs" in card.text and "| vLLM (0.34) | yes | Marlin" in card.text
+    assert "vllm serve REPO_ID" in card.text and "backend=" not in card.text  # widths of 64 and 96: whole groups
+    command = card.text.split("## Reproducing it")[1].split("```bash\n")[1].split("\n")[0]
+    assert command.startswith("llmquant quantize ") and "--method rtn --bits 4 --group-size 32 --sym" in command
+
+
+def test_measurements_recorded_beside_a_checkpoint_reach_its_card(packed, tmp_path):
+    """eval --card's record: quality, tasks and speed become card sections; a later record adds to, not
+    replaces, what was measured before."""
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    from llmquant.publish import record_path, record_results
+
+    folder = shutil.copytree(packed, tmp_path / "q")
+    quality = {"ppl": 12.5, "base_ppl": 12.0, "kld": 0.0421, "top1": 0.9312, "tokens": 3069, "windows": 3,
+               "data": "eval.txt", "seqlen": 1024, "base": "me/tiny-llama", "nll": 2.5}
+    record_results(folder, quality=quality)
+    row = {"prompt_tokens": 256, "new_tokens": 32, "dtype": "bfloat16", "prefill_tokens_per_s": 480.0,
+           "decode_tokens_per_s": 27.1, "rss_loaded_bytes": 552 * 2**20}
+    speed = {"model": row, "base": [{**row, "decode_tokens_per_s": 18.6, "rss_loaded_bytes": 695 * 2**20}],
+             "device": "AMD EPYC, 2 threads"}
+    tasks = {"results": {"hellaswag": {"metric": "acc_norm", "value": 0.41, "stderr": 0.01, "base": 0.43,
+                                       "retention": 0.41 / 0.43}}, "lm_eval_version": "0.4.13", "limit": None}
+    record_results(folder, speed=speed, tasks=tasks)
+    card = ModelCard.load(folder / "README.md").text
+    assert "| perplexity | 12.0000 | 12.5000 |" in card and "| KL divergence from the base (nats per token) | 0 | 0.04210 |" in card
+    assert "| hellaswag | acc_norm | 0.4300 | 0.4100 ± 0.0100 | 0.953 |" in card
+    assert "## Speed" in card and "| this model | bfloat16 | 480.0 | 27.10 | 552 |" in card and "AMD EPYC" in card
+    assert record_path(folder).name == "llmquant_eval.json" and not list(folder.glob(".*.tmp"))
 
 
 def test_push_uploads_exactly_the_checkpoint_in_one_commit_and_never_shows_the_token(packed, hub):
