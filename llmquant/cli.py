@@ -367,12 +367,13 @@ def _score_tasks(args, tasks, manager) -> dict:
 
 
 def _record(path, result: dict, data, seqlen, windows, base, device) -> None:
-    from .publish import record_results
+    from .publish import base_model_id, record_results
 
     quality = None
-    if "ppl" in result:
+    if "ppl" in result:  # named as a reader of the card knows them: the base by its Hub id, a text file by its name
         quality = {k: v for k, v in result.items() if k not in ("tasks", "speed")}
-        quality.update(data=data, seqlen=seqlen, windows=windows, base=base)
+        quality.update(data=Path(data).name if Path(data).is_file() else data, seqlen=seqlen, windows=windows,
+                       base=base_model_id(str(base)) or base if base else None)
     speed = result.get("speed")
     record_results(path, quality=quality, tasks=result.get("tasks"),
                    speed=None if speed is None else {**speed, "device": _device_name(device)})
