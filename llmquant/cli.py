@@ -278,11 +278,13 @@ def cmd_quantize(args) -> None:
     report = quantize(args.model, config, args.out, force=args.force, work_dir=args.work_dir, resume=args.resume)
     result = report.to_dict()
     if args.eval:
+        from .publish import record_eval
+
         ev = _evaluate([args.out], text, args.eval_seqlen, args.eval_windows, args.model, args.device)
         result["eval"] = ev[str(args.out)].to_dict()
         result["speed"] = _bench(args, args.out, args.model)
-        _record(args.out, {**result["eval"], "speed": result["speed"]}, args.eval_data, args.eval_seqlen,
-                args.eval_windows, args.model, args.device)
+        record_eval(args.out, {**result["eval"], "speed": result["speed"]}, args.eval_data, args.eval_seqlen,
+                    args.eval_windows, args.model)
     if args.json:
         print(json.dumps(result))
     else:
@@ -321,7 +323,9 @@ def cmd_eval(args) -> None:
         for p in args.paths:
             dicts[str(p)]["speed"] = _bench(args, p, args.base)
     if args.card:
-        _record(args.paths[0], dicts[str(args.paths[0])], data, args.seqlen, args.windows, args.base, args.device)
+        from .publish import record_eval
+
+        record_eval(args.paths[0], dicts[str(args.paths[0])], data, args.seqlen, args.windows, args.base)
     if args.json:  # one object: the result itself, or {path: result} for several paths
         print(json.dumps(next(iter(dicts.values())) if len(dicts) == 1 else dicts))
         return
@@ -366,31 +370,7 @@ def _score_tasks(args, tasks, manager) -> dict:
     return {str(p): with_retention(score(p), base) for p in args.paths}
 
 
-def _record(path, result: dict, data, seqlen, windows, base, device) -> None:
-    from .publish import base_model_id, record_results
 
-    quality = None
-    if "ppl" in result:  # named as a reader of the card knows them: the base by its Hub id, a text file by its name
-        quality = {k: v for k, v in result.items() if k not in ("tasks", "speed")}
-        quality.update(data=Path(data).name if Path(data).is_file() else data, seqlen=seqlen, windows=windows,
-                       base=base_model_id(str(base)) or base if base else None)
-    speed = result.get("speed")
-    record_results(path, quality=quality, tasks=result.get("tasks"),
-                   speed=None if speed is None else {**speed, "device": _device_name(device)})
-
-
-def _device_name(device: str) -> str:
-    """The processor a speed was measured on, for the card."""
-    import platform
-
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else \
-        platform.processor()
-    return f"{cpu or 'CPU'}, {torch.get_num_threads()} threads"
 
 
 def _bench(args, path, base) -> dict:

@@ -48,6 +48,17 @@ def record_results(path: Path, **results) -> None:
         write_card(path)
 
 
+def record_eval(path: Path, result: dict, data: str | None, seqlen: int, windows: int, base: str | None) -> None:
+    """Record what `llmquant eval` (or `quantize --eval`) measured of `path`: its quality on `data` (named as a
+    reader of the card knows it: the base by its Hub id where known, a text file by its name), tasks, speed."""
+    quality = None
+    if "ppl" in result:
+        quality = {k: v for k, v in result.items() if k not in ("tasks", "speed")}
+        quality.update(data=Path(data).name if Path(data).is_file() else data, seqlen=seqlen, windows=windows,
+                       base=(base_model_id(str(base)) or str(base)) if base else None)
+    record_results(path, quality=quality, tasks=result.get("tasks"), speed=result.get("speed"))
+
+
 def _replace_text(target: Path, text: str) -> None:
     tmp = target.with_name(f".{target.name}.tmp")
     tmp.write_text(text, encoding="utf-8")

@@ -213,7 +213,8 @@ def bench(path: str, base: str | None = None, prompt_tokens: int = 256, new_toke
         if v and vocab and v != vocab:
             raise UserError(f"{base} has a vocabulary of {v} tokens and {path} one of {vocab}: "
                             f"a base must share the model's tokenizer")
-    result = {"model": measure_in_child(path, prompt_tokens, new_tokens, device, None, compiled).to_dict(), "base": []}
+    result = {"model": measure_in_child(path, prompt_tokens, new_tokens, device, None, compiled).to_dict(), "base": [],
+              "device": device_name(device)}
     if base is None:
         return result
     dtypes = base_dtypes or (FLOAT_DTYPES if device == "cpu" else (None,))
@@ -224,6 +225,20 @@ def bench(path: str, base: str | None = None, prompt_tokens: int = 256, new_toke
     result["prefill_speedup"] = result["model"]["prefill_tokens_per_s"] / best["prefill_tokens_per_s"]
     result["memory_ratio"] = result["model"]["rss_loaded_bytes"] / min(b["rss_loaded_bytes"] for b in result["base"])
     return result
+
+
+def device_name(device: str) -> str:
+    """The processor figures were measured on (speeds differ between CPUs far more than between runs)."""
+    import platform
+
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    cpuinfo = "/proc/cpuinfo"
+    names = [line.split(":", 1)[1].strip() for line in open(cpuinfo, encoding="utf-8") if line.startswith("model name")] \
+        if os.path.exists(cpuinfo) else []
+    return f"{names[0] if names else platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
 
 
 def _child(argv: list[str]) -> int:
