@@ -20,6 +20,7 @@ from .errors import UserError
 from .version import __version__
 
 DEMO_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what `demo` is built from
+DEMO_LICENSE = "apache-2.0"  # its card's license (the demo is built from a GGUF file, which carries no card)
 EVAL_RECORD = "llmquant_eval.json"  # a folder's measurements; a GGUF file's sit beside it as FILE.llmquant_eval.json
 
 
@@ -121,7 +122,8 @@ def model_card(path: Path, repo_id: str | None = None, license: str | None = Non
     s = settings_of(path)
     base = base_model or base_model_id(s["source"])
     base_card = _base_card(s["source"])
-    license = license or (getattr(base_card.data, "license", None) if base_card is not None else None)
+    license = license or (getattr(base_card.data, "license", None) if base_card is not None else None) or \
+        (DEMO_LICENSE if s["source"] == "demo" else None)
     gguf = s["format"] == "gguf"
     tags = ["llmquant", s["format"]] + ([s["method"]] if s["method"] else []) + \
         ([f"{s['bits']}-bit"] if not gguf else s["mix"].split(", "))
@@ -269,8 +271,9 @@ def push(path: str | Path, repo_id: str, private: bool = False, revision: str | 
                         f"(e.g. apache-2.0)")
     files = [(name, f) for name, f in _files(path) if name != "README.md"]
     settings = settings_of(path)
-    message = (f"llmquant {__version__}: {settings['format']} {settings.get('method') or settings.get('mix')}"
-               + (f" W{settings['bits']} g{settings['group_size']}" if settings.get("bits") else ""))
+    message = (f"llmquant {__version__}: {settings.get('method') or settings.get('mix')}"
+               + (f" W{settings['bits']} g{settings['group_size']}" if settings.get("bits") else "")
+               + f", {settings['format']} format")
     if dry_run:
         for name, f in files:
             out(f"would upload {name} ({f.stat().st_size:,} bytes)")
