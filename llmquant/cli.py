@@ -224,16 +224,23 @@ def _eval_text(data: str) -> str:
     return load_text(data, split="test")
 
 
-def _evaluate(paths, data_text, seqlen, windows, base, device):
-    """{path: EvalResult}; the tokenizer of the first path cuts the windows for all."""
+def _load_exact(paths, base, device):
+    """({path: (model, tokenizer)}, (base model, tokenizer) or None), each loaded once, on the exact path quality
+    measurements use (float32, packed layers dequantized per call)."""
     from .api import load_any
+
+    return ({str(p): load_any(p, device, exact=True) for p in paths},
+            load_any(base, device, exact=True) if base else None)
+
+
+def _evaluate(loaded: dict, base, data_text, seqlen, windows):
+    """{path: EvalResult}; the tokenizer of the first path cuts the windows for all."""
     from .eval import evaluate_many
 
-    loaded = {str(p): load_any(p, device, exact=True) for p in paths}
-    base_model = load_any(base, device, exact=True)[0] if base else None
     tokenizer = next(iter(loaded.values()))[1]
     models = {p: model for p, (model, _) in loaded.items()}
-    return evaluate_many(models, tokenizer, data_text, seqlen=seqlen, windows=windows, base=base_model)
+    return evaluate_many(models, tokenizer, data_text, seqlen=seqlen, windows=windows,
+                         base=base[0] if base else None)
 
 
 def _print_report(report, config, args, result) -> None:
@@ -280,7 +287,7 @@ def cmd_quantize(args) -> None:
     if args.eval:
         from .publish import record_eval
 
-        ev = _evaluate([args.out], text, args.eval_seqlen, args.eval_windows, args.model, args.device)
+        ev = _evaluate(*_load_exact([args.out], args.model, args.device), text, args.eval_seqlen, args.eval_windows)
         result["eval"] = ev[str(args.out)].to_dict()
         result["speed"] = _bench(args, args.out, args.model)
         record_eval(args.out, {**result["eval"], "speed": result["speed"]}, args.eval_data, args.eval_seqlen,
@@ -311,14 +318,22 @@ def cmd_eval(args) -> None:
 
         manager = task_manager(tasks, args.tasks_path)
     data = args.data or (None if tasks else "wikitext2")
+    text = _eval_text(data) if data else None  # a missing text fails before any model loads
     dicts = {str(p): {} for p in args.paths}
+    loaded, base = _load_exact(args.paths, args.base, args.device)
     if data:
-        results = _evaluate(args.paths, _eval_text(data), args.seqlen, args.windows, args.base, args.device)
-        for path, result in results.items():
+        for path, result in _evaluate(loaded, base, text, args.seqlen, args.windows).items():
             dicts[path].update(result.to_dict())
     if tasks:
-        for path, scored in _score_tasks(args, tasks, manager).items():
-            dicts[path]["tasks"] = scored
+        from .tasks import run_tasks, with_retention
+
+        def score(model, tokenizer):
+            return run_tasks(model, tokenizer, tasks, manager, limit=args.limit, num_fewshot=args.num_fewshot)
+
+        base_scores = score(*base) if base else None
+        for path, (model, tokenizer) in loaded.items():
+            dicts[path]["tasks"] = with_retention(score(model, tokenizer), base_scores)
+    del loaded, base  # the speed runs measure models in processes of their own: free this one's memory first
     if args.speed:
         for p in args.paths:
             dicts[str(p)]["speed"] = _bench(args, p, args.base)
@@ -355,19 +370,6 @@ def _check_card_target(paths) -> None:
     path = Path(paths[0])
     if not (is_gguf(path) or (path.is_dir() and is_quantized(path))):
         raise UserError(f"--card records results beside a packed folder or GGUF file written by llmquant, not {path}")
-
-
-def _score_tasks(args, tasks, manager) -> dict:
-    """{path: lm-eval scores with retention}; the base is scored once, first."""
-    from .api import load_any
-    from .tasks import run_tasks, with_retention
-
-    def score(path):
-        model, tokenizer = load_any(path, args.device, exact=True)
-        return run_tasks(model, tokenizer, tasks, manager, limit=args.limit, num_fewshot=args.num_fewshot)
-
-    base = score(args.base) if args.base else None
-    return {str(p): with_retention(score(p), base) for p in args.paths}
 
 
 

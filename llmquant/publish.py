@@ -3,15 +3,14 @@
 The card (README.md) is written into every packed folder when it is made, and again by `push` and by
 `eval --card`: metadata the Hub reads (base model, relation, license, tags), then the method and its settings,
 the size, where it runs (serving.py), the quality, task accuracy and speed measured so far (kept beside the
-checkpoint in its evaluation record), how to load it and the command that reproduces it. `push` validates what it uploads the way `llmquant inspect` and the loaders do, creates the repo if
-needed, and uploads everything in one commit through huggingface_hub; the token comes from HF_TOKEN or the
+checkpoint in its evaluation record), how to load it and the command that reproduces it. `push` validates
+what it uploads the way `llmquant inspect` and the loaders do, creates the repo if needed, and uploads everything in one commit through huggingface_hub; the token comes from HF_TOKEN or the
 saved login and is never printed. The local checkpoint is only read.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -41,7 +40,7 @@ def read_record(path: Path) -> dict:
 
 def record_results(path: Path, **results) -> None:
     """Merge measurements (quality=..., tasks=..., speed=...) into the checkpoint's record and refresh a folder's
-    card. Each file is replaced whole (written aside, then renamed): never left half-written."""
+    card."""
     path = Path(path)
     record = {**read_record(path), **{k: v for k, v in results.items() if v is not None}}
     _replace_text(record_path(path), json.dumps(record, indent=2))
@@ -61,9 +60,11 @@ def record_eval(path: Path, result: dict, data: str | None, seqlen: int, windows
 
 
 def _replace_text(target: Path, text: str) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, target)
+    """Write `target` whole or not at all (formats/atomic.py): a card or record is never left half-written."""
+    from .formats.atomic import atomic_file
+
+    with atomic_file(target, force=True) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def _base_card(source: str | None):
@@ -115,11 +116,12 @@ def settings_of(path: Path) -> dict:
             "serving": info["serving"]}
 
 
-def model_card(path: Path, repo_id: str | None = None, license: str | None = None, base_model: str | None = None):
-    """The huggingface_hub ModelCard of a packed folder or GGUF file."""
+def model_card(path: Path, repo_id: str | None = None, license: str | None = None, base_model: str | None = None,
+               settings: dict | None = None):
+    """The huggingface_hub ModelCard of a packed folder or GGUF file (`settings`: its settings_of, if read)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    s = settings_of(path)
+    s = settings or settings_of(path)
     base = base_model or base_model_id(s["source"])
     base_card = _base_card(s["source"])
     license = license or (getattr(base_card.data, "license", None) if base_card is not None else None) or \
@@ -210,14 +212,12 @@ def _snippets(repo: str, s: dict) -> list[str]:
     serving = {r["name"]: r for r in s["serving"]}
     torch_backend = s["format"] == "gptq" and 'backend="torch"' in next(
         r["how"] for n, r in serving.items() if n.startswith("transformers"))
-    config = {"gptq": f"GPTQConfig(bits={s['bits']}, backend=\"torch\")"}
+    torch_kernel = f", quantization_config=GPTQConfig(bits={s['bits']}, backend=\"torch\")" if torch_backend else ""
     lines = ["transformers (its GPTQ/AWQ support needs `gptqmodel` and `optimum` installed"
              + ("; the default int4 CPU kernel refuses these widths, so the torch kernel is named" if torch_backend
                 else "") + "):", "", "```python",
-             "from transformers import AutoModelForCausalLM, AutoTokenizer"
-             + (f", {config[s['format']].split('(')[0]}" if torch_backend else ""), "",
-             f"model = AutoModelForCausalLM.from_pretrained(\"{repo}\", device_map=\"auto\""
-             + (f", quantization_config={config[s['format']]})" if torch_backend else ")"),
+             "from transformers import AutoModelForCausalLM, AutoTokenizer" + (", GPTQConfig" if torch_backend else ""),
+             "", f"model = AutoModelForCausalLM.from_pretrained(\"{repo}\", device_map=\"auto\"{torch_kernel})",
              f"tokenizer = AutoTokenizer.from_pretrained(\"{repo}\")", "```"]
     vllm = next((r for n, r in serving.items() if n.startswith("vLLM")), None)
     if vllm is not None and vllm["loads"]:
@@ -227,8 +227,8 @@ def _snippets(repo: str, s: dict) -> list[str]:
 
 
 def write_card(directory: Path) -> None:
-    """README.md of a freshly written packed folder (called before it is moved into place)."""
-    (Path(directory) / "README.md").write_text(str(model_card(Path(directory))), encoding="utf-8")
+    """README.md of a packed folder: written when it is made, and again when measurements are recorded."""
+    _replace_text(Path(directory) / "README.md", str(model_card(Path(directory))))
 
 
 def check_destination(repo_id: str, token: bool = True) -> None:
@@ -265,12 +265,12 @@ def push(path: str | Path, repo_id: str, private: bool = False, revision: str | 
     if not path.exists():
         raise UserError(f"no such checkpoint: {path}")
     check_destination(repo_id, token=not dry_run)
-    card = model_card(path, repo_id, license, base_model)  # validates the checkpoint as inspect does
+    settings = settings_of(path)  # validates the checkpoint as inspect does
+    card = model_card(path, repo_id, license, base_model, settings)
     if not card.data.license:
         raise UserError(f"the license of {path} cannot be determined from its base model's card: pass --license "
                         f"(e.g. apache-2.0)")
     files = [(name, f) for name, f in _files(path) if name != "README.md"]
-    settings = settings_of(path)
     message = (f"llmquant {__version__}: {settings.get('method') or settings.get('mix')}"
                + (f" W{settings['bits']} g{settings['group_size']}" if settings.get("bits") else "")
                + f", {settings['format']} format")

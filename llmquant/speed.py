@@ -235,9 +235,10 @@ def device_name(device: str) -> str:
 
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    cpuinfo = "/proc/cpuinfo"
-    names = [line.split(":", 1)[1].strip() for line in open(cpuinfo, encoding="utf-8") if line.startswith("model name")] \
-        if os.path.exists(cpuinfo) else []
+    names = []
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
     return f"{names[0] if names else platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
 
 
