@@ -1,30 +1,6 @@
-"""Triton dequant-matmul kernels for packed quantized weights (importable as llmquant.kernels).
+"""Triton dequant-matmul kernels for packed quantized weights, installed as llmquant.kernels (gptq.py).
 
-`available()` can be asked without triton installed; the kernels themselves load on first use.
+Import them as `llmquant.kernels.gptq`; `llmquant.nn.qlinear` decides whether they can run. This folder
+must never be imported as a top-level `kernels`: that name is the Hub's package, which transformers
+imports (see llmquant/__init__.py for how a checkout's root is kept off sys.path).
 """
-
-from __future__ import annotations
-
-import importlib
-
-import torch
-
-__all__ = ["available", "gptq_matmul", "groups_are_contiguous"]
-
-
-def available() -> bool:
-    """Whether gptq_matmul can run here: triton imports, and there is a CUDA GPU or TRITON_INTERPRET=1
-    was set when the kernels were first imported."""
-    try:
-        gptq = importlib.import_module(".gptq", __name__)
-    except ImportError:
-        return False
-    return gptq.INTERPRETED or torch.cuda.is_available()
-
-
-def __getattr__(name: str):
-    if name in ("gptq_matmul", "groups_are_contiguous"):
-        value = getattr(importlib.import_module(".gptq", __name__), name)
-        globals()[name] = value  # later lookups skip this hook: it sits on every QuantLinear call
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,16 +28,12 @@ BATCHES = (1, 4, 16, 64, 256, 2048)
 
 
 def _kernels():
-    try:
-        from llmquant import kernels
-    except ImportError:
-        sys.path.insert(0, str(ROOT))
-        import kernels
-    return kernels
+    """llmquant.kernels.gptq, or None where it cannot run (no triton)."""
+    from llmquant.nn.qlinear import _load_kernels
+    return _load_kernels()
 
 
 def _pack():
-    sys.path.insert(0, str(ROOT))
     from llmquant.numerics.pack import pack_int32, unpack_int32
     return pack_int32, unpack_int32
 
@@ -224,7 +220,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py: needs a CUDA GPU, and torch sees none on this machine")
     kernels = _kernels()
-    if not kernels.available():
+    if kernels is None:
         raise SystemExit("bench_kernels.py: the Triton kernels cannot run here (is triton installed?)")
 
     device = torch.cuda.get_device_name(0)

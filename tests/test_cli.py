@@ -265,3 +265,18 @@ def test_non_finite_values_in_a_packed_checkpoint_or_gguf_are_refused_by_name(ti
         f.write(np.array([np.nan], dtype=np.float32).tobytes())
     assert_one_line_error(*run(capsys, "eval", file, "--data", text_file, "--seqlen", 64)[::2],
                           str(file), "blk.0.attn_norm.weight", "NaN or Inf")
+
+
+def test_runs_from_the_checkout_root_without_shadowing_the_hubs_kernels():
+    """`python -m llmquant` in the checkout puts its root first on sys.path, where kernels/ would pass for
+    the Hub's `kernels` package that transformers imports on every model load."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import llmquant, kernels, transformers.integrations.hub_kernels; "
+            "print(kernels.__file__)")
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert Path(run.stdout.strip()).parent != root / "kernels"

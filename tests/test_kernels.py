@@ -132,13 +132,8 @@ def fresh_seed() -> int:
 # Interpreter worker (this file run as a script) and its client.
 
 def _import_kernels():
-    try:
-        from llmquant import kernels
-    except ImportError:
-        if str(ROOT) not in sys.path:
-            sys.path.insert(0, str(ROOT))
-        import kernels
-    return kernels
+    from llmquant.kernels import gptq
+    return gptq
 
 
 def _worker():
@@ -150,8 +145,7 @@ def _worker():
         request = json.loads(line)
         try:
             if request.get("probe") == "workspace":
-                gptq = sys.modules[kernels.gptq_matmul.__module__]
-                result = {"dirty": sum(int(t.count_nonzero()) for pair in gptq._workspaces.values() for t in pair)}
+                result = {"dirty": sum(int(t.count_nonzero()) for pair in kernels._workspaces.values() for t in pair)}
             else:
                 result = run_case(kernels, request)
         except Exception:  # noqa: BLE001 - any failure goes back to the test that asked
@@ -162,8 +156,7 @@ def _worker():
 
 class Interpreter:
     def __init__(self):
-        env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
-            [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
         self.proc = subprocess.Popen([sys.executable, __file__, "--worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
 
@@ -309,15 +302,16 @@ def test_host_arithmetic_matches_triton(kernels):
     """The launch path's plain-int ceil division and power of two agree with triton's own."""
     import triton
 
-    gptq = sys.modules[kernels.gptq_matmul.__module__]
     for a in (*range(1, 300), 4095, 4096, 4097, 14336, 2**20 + 1):
-        assert gptq._next_power_of_2(a) == triton.next_power_of_2(a)
+        assert kernels._next_power_of_2(a) == triton.next_power_of_2(a)
         for b in (1, 2, 16, 32, 128, 132, 256):
-            assert gptq._cdiv(a, b) == triton.cdiv(a, b)
+            assert kernels._cdiv(a, b) == triton.cdiv(a, b)
 
 
 def test_available_reflects_the_machine(kernels):
-    assert kernels.available() == (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+    from llmquant.nn import qlinear
+    runs_here = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    assert (qlinear._load_kernels() is kernels) == runs_here
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,7 +350,7 @@ def test_kernels_compile_for_h100_without_spills(bits):
     """Each regime's first config builds for sm_90 and, for contiguous groups, keeps everything in
     registers (no local-memory stack); act-order builds too."""
     pytest.importorskip("triton")
-    gptq = sys.modules[_import_kernels().gptq_matmul.__module__]
+    gptq = _import_kernels()
     if gptq.INTERPRETED:
         pytest.skip("the kernels were imported interpreted (TRITON_INTERPRET=1 in the test process)")
     for index, (_, launcher, splits) in enumerate(gptq._REGIMES):
