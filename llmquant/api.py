@@ -11,7 +11,7 @@ from .config import QuantConfig, QuantReport, check_device
 from .formats.hf import load_quantized, read_quantization_config
 from .models.loader import load_float_model, resolve_model
 from .memory import give_back_free_memory, weights_from_the_system
-from .nn.cpu import use_cpu_kernels
+from .nn.cpu import COMPUTE, use_cpu_kernels
 from .pipeline import quantize
 
 __all__ = ["QuantConfig", "QuantReport", "check_device", "load", "load_any", "quantize"]
@@ -37,8 +37,8 @@ def load_any(path: str | Path, device: str = "cpu", exact: bool = False):
     """(model, tokenizer) for a packed or float checkpoint or a GGUF file, ready for inference on `device`.
 
     On the CPU, packed layers run on PyTorch's weight-only kernels (nn/cpu.py): the weights stay
-    packed and everything else keeps the checkpoint's dtype, so the model holds about its file's
-    bytes. exact=True is for quality measurements instead: every float parameter in float32 and each
+    packed and everything else keeps the checkpoint's dtype (bfloat16 for a GGUF file, whose linears
+    and embedding table stay in their blocks), so the model holds about its file's bytes. exact=True is for quality measurements instead: every float parameter in float32 and each
     packed layer dequantized to the grid's exact weights on every call (no bfloat16 rounding, and
     still no float copy of a packed weight kept between calls).
     """
@@ -47,9 +47,13 @@ def load_any(path: str | Path, device: str = "cpu", exact: bool = False):
     from .formats.gguf.reader import is_gguf, load_gguf
 
     weights_from_the_system()  # tensors freed while loading and converting go back to the system
-    if is_gguf(path):  # weights decoded to float by our block decoders
-        model, tokenizer = load_gguf(path)
-        return model.to(device), tokenizer
+    if is_gguf(path):
+        if exact or torch.device(device).type != "cpu":  # weights decoded to float by our block decoders
+            model, tokenizer = load_gguf(path)
+            return model.to(device), tokenizer
+        model, tokenizer = load_gguf(path, COMPUTE, packed=True)
+        give_back_free_memory()
+        return model, tokenizer
     local = resolve_model(path)
     if is_quantized(local):
         model, tokenizer = load_quantized(local, device), AutoTokenizer.from_pretrained(local)

@@ -124,3 +124,89 @@ def test_a_packed_model_on_the_cpu_kernels_computes_what_the_dequantized_float_m
     assert err < MODEL_TOLERANCE, err
     agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
     assert agree > 0.9, agree
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF files: linears and embedding tables computing with the file's blocks (nn/cpu.block_linear)
+
+GGUF_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+
+
+@pytest.mark.parametrize("name", GGUF_TYPES)
+def test_a_gguf_tensor_computes_in_its_blocks_what_its_decoded_weights_do(name):
+    """Against gguf-decoded weights (our decoder equals the gguf package's bit for bit: test_gguf_quants)."""
+    from llmquant.nn.cpu import GroupDequantLinear, block_linear
+    from llmquant.numerics.ggml import CODECS, BlockTensor
+
+    fmt = CODECS[name]
+    gen = torch.Generator().manual_seed(len(name))
+    data = fmt.quantize(torch.randn(64, 512, generator=gen) * 0.02 + 0.003)  # a mean, so affine bases matter
+    bias = torch.randn(64, generator=gen)
+    layer = block_linear(BlockTensor(fmt.ggml_type, data, 512), bias)
+    assert isinstance(layer, Int4CpuLinear if fmt.sub_block == 32 else GroupDequantLinear)
+    held = layer.state_dict().values()
+    assert not any(t.is_floating_point() and t.numel() >= 64 * 512 // 4 for t in held)  # no float weight kept
+    reference = fmt.dequantize(data, 512).double()
+    for rows in (1, 7):
+        x = torch.randn(rows, 512, generator=gen)
+        want = x.double() @ reference.T + bias.double()
+        got = layer(x)
+        err = ((got.double() - want).norm() / want.norm()).item()
+        dense = x.bfloat16() @ reference.bfloat16().T + bias.bfloat16()
+        assert err < 1.5 * ((dense.double() - want).norm() / want.norm()).item(), (rows, err)
+
+
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q8_0"])
+def test_a_gguf_embedding_table_decodes_only_the_rows_it_reads(name):
+    from llmquant.nn.cpu import BlockEmbedding
+    from llmquant.numerics.ggml import CODECS, BlockTensor
+
+    fmt = CODECS[name]
+    data = fmt.quantize(torch.randn(100, 256, generator=torch.Generator().manual_seed(1)))
+    table = BlockEmbedding(BlockTensor(fmt.ggml_type, data, 256), torch.bfloat16, embed_scale=16.0)
+    ids = torch.tensor([[3, 99, 3], [0, 1, 2]])
+    want = (fmt.dequantize(data, 256)[ids].bfloat16() * torch.tensor(16.0, dtype=torch.bfloat16))
+    assert torch.equal(table(ids), want)
+
+
+@pytest.fixture(scope="module")
+def gguf_models(tmp_path_factory):
+    """Tiny models with 256-wide rows (K-types apply): untied Llama, tied Qwen2, Gemma 3 (scaled embedding),
+    Qwen2-MoE (3D expert tensors)."""
+    from tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("gguf_cpu")
+    return {f: make_tiny_model(root / f"model{i}", f, hidden=256, intermediate=512, heads=4, kv_heads=2,
+                               tie=f == "qwen2")
+            for i, f in enumerate(["llama", "qwen2", "gemma3_text", "qwen2_moe"])}
+
+
+@pytest.mark.parametrize("family,mix", [
+    *[("llama", mix) for mix in ("Q4_0", "Q4_1", "Q5_1", "Q8_0", "Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K")],
+    ("qwen2", "Q4_K_M"), ("qwen2", "Q8_0"), ("gemma3_text", "Q4_K_M"), ("qwen2_moe", "Q4_K_M"),
+])
+def test_a_gguf_file_runs_in_its_blocks_as_its_decoded_weights_do(gguf_models, tmp_path, family, mix):
+    from llmquant.api import QuantConfig, load_any, quantize
+    from llmquant.nn.cpu import BlockEmbedding, GroupDequantLinear
+
+    out = tmp_path / "m.gguf"
+    quantize(gguf_models[family], QuantConfig(method="rtn", format="gguf", gguf_type=mix), out, progress=False)
+    packed, _ = load_any(out)
+    exact, _ = load_any(out, exact=True)  # every tensor decoded to float32
+    assert isinstance(packed.get_input_embeddings(), BlockEmbedding)
+    linears = [n for n, m in exact.named_modules() if isinstance(m, torch.nn.Linear) and "router" not in n
+               and not n.endswith("mlp.gate")]
+    kinds = {n: type(m) for n, m in packed.named_modules() if n in linears}
+    assert set(kinds.values()) <= {Int4CpuLinear, GroupDequantLinear} and len(kinds) == len(linears), kinds
+    biggest = max(exact.get_submodule(n).weight.numel() for n in linears)
+    assert not any(t.is_floating_point() and t.numel() >= biggest // 4
+                   for t in [*packed.parameters(), *packed.buffers()])  # no float copy of a weight anywhere
+    ids = torch.randint(3, packed.config.vocab_size, (1, 48), generator=torch.Generator().manual_seed(0))
+    _, got = greedy(packed, ids, 1)
+    _, want = greedy(exact, ids, 1)
+    err = ((got - want).norm() / want.norm()).item()
+    assert err < MODEL_TOLERANCE, err
+    # the same top-1 wherever the exact model's choice is clear: a pick may differ only at a near tie
+    picked = want.gather(-1, got.argmax(-1, keepdim=True))[..., 0]
+    gap = want.amax(-1) - picked
+    assert (gap < 0.02 * want.abs().amax()).all(), gap.max()

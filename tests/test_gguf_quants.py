@@ -107,6 +107,23 @@ def test_decoder_matches_gguf_on_encoded_bytes(name):
         assert _same_floats(fmt.dequantize(data, 512).numpy(), gq.dequantize(data.numpy(), fmt.ggml_type))
 
 
+@pytest.mark.parametrize("name", LEGACY + K_TYPES)
+def test_affine_parts_rebuild_gguf_values(name):
+    """codes * scale + base, each scale over its sub-block, is gguf's dequantization bit for bit, with
+    every code inside the type's declared range (what the CPU kernels rely on)."""
+    fmt = CODECS[name]
+    lo, hi = fmt.codes
+    for x in _inputs(6, 512, seed=3).values():
+        data = fmt.quantize(x)
+        codes, scale, base = fmt.affine(data, 512)
+        assert codes.shape == (6, 512) and scale.shape == (6, 512 // fmt.sub_block)
+        assert int(codes.min()) >= lo and int(codes.max()) <= hi
+        values = scale.repeat_interleave(fmt.sub_block, 1) * codes.float()
+        if base is not None:
+            values = values + base.repeat_interleave(fmt.sub_block, 1)
+        assert _same_floats(values.numpy(), gq.dequantize(data.numpy(), fmt.ggml_type))
+
+
 # ---------------------------------------------------------------- reference encoders against gguf
 
 def _c_signed_zeros(name: str, x: np.ndarray, theirs: np.ndarray) -> np.ndarray:

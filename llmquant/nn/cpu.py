@@ -28,6 +28,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import torch.nn.functional as F
+
+from ..numerics.ggml import CODECS, BlockTensor
 from ..numerics.grid import QuantizedWeight
 from .qlinear import QuantLinear
 
@@ -63,25 +66,23 @@ def _tile(g_sorted: torch.Tensor, sizes) -> int | None:
 
 
 class Int4CpuLinear(nn.Module):
-    """2/3/4-bit weights in the int4 layout of PyTorch's CPU kernel; 8-bit ones as two such halves."""
+    """Weights w = code * scale + base per group of `tile` input columns, codes 0..15 in the int4 layout of
+    PyTorch's CPU kernel, or 0..255 as two such halves (`wide`)."""
 
-    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, tile: int, perm, g_sorted):
+    def __init__(self, codes: torch.Tensor, wide: bool, scale: torch.Tensor, base: torch.Tensor, tile: int,
+                 perm: torch.Tensor | None, bias: torch.Tensor | None, bits: int):
+        """codes [out, in] with columns in the packed order (`perm` gathers the input that way); scale and
+        base float32 [out, in / tile]; bits is what the layer reports."""
         super().__init__()
-        self.in_features, self.out_features, self.bits, self.tile = qw.in_features, qw.out_features, qw.bits, tile
+        (self.out_features, self.in_features), self.bits, self.tile = codes.shape, bits, tile
         self.register_buffer("perm", perm)
         self.register_buffer("bias", bias)
-        codes = qw.codes if perm is None else qw.codes[:, perm]
-        zeros = qw.zeros
-        if qw.bits < 4:  # codes moved up the 4-bit range so that each group's zero point sits near 8: the
-            shift = (8 - zeros).clamp(0, 16 - (1 << qw.bits))  # zero term, rounded to bfloat16, stays small
-            codes, zeros = codes.to(torch.int32) + shift[:, g_sorted], zeros + shift
-        source = g_sorted[::tile]  # the checkpoint group of every kernel group
-        scale = qw.scales[:, source]
-        zero = (8 - zeros[:, source].to(torch.float32)) * scale
+        scale = scale.float()
+        zero = base.float() + 8 * scale  # the kernel computes (q - 8) * scale + zero
         offset = None
-        if qw.bits == 8:  # q = 16 h + l: (q - z) s = (h - 8) 16s + (l - 8) s + (136 - z) s, over columns [x, x]
+        if wide:  # q = 16 h + l: q s + b = (h - 8) 16s + (l - 8) s + (136 s + b), over columns [x, x]
             codes = torch.cat([codes >> 4, codes & 15], 1)
-            offset = (zero + 128 * scale).T.contiguous()  # up to 128 s: added in float32, bfloat16 would blur it
+            offset = (zero + 128 * scale).T.contiguous()  # up to 136 s: added in float32, bfloat16 would blur it
             zero, scale = torch.zeros_like(torch.cat([zero, zero], 1)), torch.cat([16 * scale, scale], 1)
         self.register_buffer("offset", offset)
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
@@ -121,7 +122,14 @@ def cpu_linear(layer: QuantLinear) -> nn.Module | None:
     if tile is None or qw.out_features % ROWS_PER_TILE:
         return None
     bias = None if layer.bias is None else layer.bias.detach().clone()
-    return Int4CpuLinear(qw, bias, tile, perm, g_sorted)
+    codes = qw.codes if perm is None else qw.codes[:, perm]
+    zeros = qw.zeros
+    if qw.bits < 4:  # codes moved up the 4-bit range so that each group's zero point sits near 8: the
+        shift = (8 - zeros).clamp(0, 16 - (1 << qw.bits))  # zero term, rounded to bfloat16, stays small
+        codes, zeros = codes.to(torch.int32) + shift[:, g_sorted], zeros + shift
+    source = g_sorted[::tile]  # the checkpoint group of every kernel group
+    scale = qw.scales[:, source].float()
+    return Int4CpuLinear(codes, qw.bits == 8, scale, -zeros[:, source].float() * scale, tile, perm, bias, qw.bits)
 
 
 def use_cpu_kernels(model: nn.Module) -> list[str]:
@@ -138,3 +146,66 @@ def use_cpu_kernels(model: nn.Module) -> list[str]:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, twin)
     return kept
+
+
+class GroupDequantLinear(nn.Module):
+    """Weights w = code * scale (+ base) per run of `width` input columns, dequantized to bfloat16 on every
+    call and dropped after it: for GGUF types whose scales cover fewer columns than the int4 kernel's
+    smallest group (Q2_K, Q3_K, Q6_K: 16). Holds 1 byte per weight plus the scales, never a float copy."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor | None, bias, bits: int):
+        super().__init__()
+        (self.out_features, self.in_features), self.bits = codes.shape, bits
+        self.width = self.in_features // scale.shape[1]
+        self.register_buffer("codes", codes.to(torch.int8).view(self.out_features, -1, self.width))
+        self.register_buffer("scale", scale.to(COMPUTE)[..., None])
+        self.register_buffer("base", None if base is None else base.to(COMPUTE)[..., None])
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.codes.to(COMPUTE) * self.scale
+        if self.base is not None:
+            w += self.base
+        bias = None if self.bias is None else self.bias.to(COMPUTE)
+        return F.linear(x.to(COMPUTE), w.view(self.out_features, self.in_features), bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, width={self.width}"
+
+
+def block_linear(weight: BlockTensor, bias: torch.Tensor | None) -> nn.Module:
+    """A linear computing with a GGUF tensor's blocks as they are (bit-exact parts, bfloat16 compute):
+    types with 32-column scales on the int4 kernel (Q4_0, Q4_1, Q4_K; Q5_*, Q8_0 as two halves),
+    the others dequantized per call."""
+    fmt = CODECS[weight.type.name]
+    codes, scale, base = fmt.affine(weight.data, weight.in_features)
+    lo, hi = fmt.codes
+    bits = (hi - lo).bit_length()
+    if fmt.sub_block in KERNEL_GROUPS and codes.shape[0] % ROWS_PER_TILE == 0:
+        # the codes' middle moved to the kernel's (8, or 128 for two halves): c s + b = (c + k) s + (b - k s).
+        # Centred, the halves' kernel terms stay small and the float32 offset does not cancel a large sum.
+        wide = hi - lo > 15
+        k = (128 if wide else 8) - (lo + hi + 1) // 2
+        base = -k * scale if base is None else base - k * scale
+        return Int4CpuLinear(codes + k, wide, scale, base, fmt.sub_block, None, bias, bits)
+    return GroupDequantLinear(codes, scale, base, bias, bits)
+
+
+class BlockEmbedding(nn.Module):
+    """An embedding table kept in its GGUF blocks: a lookup decodes only the rows it reads."""
+
+    def __init__(self, weight: BlockTensor, dtype: torch.dtype, embed_scale: float | None = None):
+        super().__init__()
+        self.type, self.embedding_dim, self.dtype = weight.type, weight.in_features, dtype
+        self.num_embeddings = weight.data.shape[0]
+        self.embed_scale = embed_scale  # Gemma 3's scaled embedding multiplies the rows it returns
+        self.register_buffer("data", weight.data)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = CODECS[self.type.name].dequantize(self.data[ids.reshape(-1)], self.embedding_dim).to(self.dtype)
+        if self.embed_scale is not None:
+            rows = rows * torch.tensor(self.embed_scale, dtype=self.dtype)
+        return rows.view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, type={self.type.name}"

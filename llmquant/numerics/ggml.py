@@ -358,11 +358,17 @@ def _row_chunks(rows: torch.Tensor, n: int) -> list[torch.Tensor]:
 
 
 class BlockFormat:
-    """One llama.cpp tensor type: quantize float rows to its bytes, dequantize bytes to float32."""
+    """One llama.cpp tensor type: quantize float rows to its bytes, dequantize bytes to float32.
+
+    The integer types decode through `_affine`: weight = code * scale (+ base), one scale and base per
+    run of `sub_block` weights, codes in `codes` (inclusive, signed where the type centres them). The CPU
+    kernels (nn/cpu.py) take those parts as they are, without a float copy of the weight."""
 
     ggml_type: ClassVar[GGMLQuantizationType]
     block_size: ClassVar[int]
     type_size: ClassVar[int]
+    sub_block: ClassVar[int] = 0  # weights sharing one scale (and base); 0 for the float types
+    codes: ClassVar[tuple[int, int]] = (0, 0)
 
     @classmethod
     def quantize(cls, x: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
@@ -394,6 +400,25 @@ class BlockFormat:
         return out.reshape(*data.shape[:-1], n)
 
     @classmethod
+    def affine(cls, data: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """uint8 rows [rows, n / block_size · type_size] -> (codes int64 [rows, n], scale float32
+        [rows, n / sub_block], base alike or None), with dequantize(data) == codes * scale + base exactly
+        (each scale and base repeated over its sub-block)."""
+        if not cls.sub_block:
+            raise ValueError(f"{cls.ggml_type.name} is a float type: it has no codes")
+        cls.dequantize(data[:0], n)  # the same shape checks
+        codes, scale, base = cls._affine(data.reshape(data.shape[0], n // cls.block_size, cls.type_size))
+        rows = data.shape[0]
+        return (codes.reshape(rows, n), scale.reshape(rows, n // cls.sub_block),
+                None if base is None else base.reshape(rows, n // cls.sub_block))
+
+    @classmethod
+    def _affine(cls, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """[rows, blocks, type_size] uint8 -> codes [rows, blocks, subs, sub_block] int64, scale
+        [rows, blocks, subs, 1] float32, base alike or None."""
+        raise NotImplementedError
+
+    @classmethod
     def _encode(cls, x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
         """x [rows, blocks, block_size] float32, qw alike or None -> [rows, blocks, type_size] uint8."""
         raise NotImplementedError
@@ -401,7 +426,9 @@ class BlockFormat:
     @classmethod
     def _decode(cls, raw: torch.Tensor) -> torch.Tensor:
         """[rows, blocks, type_size] uint8 -> [rows, blocks, block_size] float32."""
-        raise NotImplementedError
+        codes, scale, base = cls._affine(raw)
+        values = scale * codes.float() if base is None else scale * codes.float() + base
+        return values.flatten(-2)
 
 
 class F32(BlockFormat):
@@ -463,6 +490,7 @@ def _legacy_weights(x: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
 class Q8_0(BlockFormat):
     ggml_type = GGMLQuantizationType.Q8_0
     block_size, type_size = 32, 34
+    sub_block, codes = 32, (-128, 127)
 
     @classmethod
     def _encode(cls, x, qw):
@@ -473,8 +501,8 @@ class Q8_0(BlockFormat):
         return torch.cat([_half_bytes(d[..., 0]), q], -1)
 
     @classmethod
-    def _decode(cls, raw):
-        return raw[..., 2:].contiguous().view(torch.int8).to(torch.float32) * _read_half(raw, 0)
+    def _affine(cls, raw):
+        return raw[..., None, 2:].contiguous().view(torch.int8).to(torch.int64), _read_half(raw, 0)[..., None], None
 
 
 class _Symmetric32(BlockFormat):
@@ -500,9 +528,9 @@ class _Symmetric32(BlockFormat):
         return _encode_levels([_half_bytes(d)], levels, cls.bits)
 
     @classmethod
-    def _decode(cls, raw):
+    def _affine(cls, raw):
         levels = _decode_levels(raw, cls.bits, 2)
-        return _read_half(raw, 0) * (levels - (1 << (cls.bits - 1))).to(torch.float32)
+        return (levels - (1 << (cls.bits - 1)))[..., None, :], _read_half(raw, 0)[..., None], None
 
 
 def _encode_levels(header: list, levels: torch.Tensor, bits: int) -> torch.Tensor:
@@ -543,28 +571,32 @@ class _Affine32(BlockFormat):
         return _encode_levels([_half_bytes(d), _half_bytes(m)], levels, cls.bits)
 
     @classmethod
-    def _decode(cls, raw):
-        return _read_half(raw, 0) * _decode_levels(raw, cls.bits, 4).to(torch.float32) + _read_half(raw, 2)
+    def _affine(cls, raw):
+        return _decode_levels(raw, cls.bits, 4)[..., None, :], _read_half(raw, 0)[..., None], _read_half(raw, 2)[..., None]
 
 
 class Q4_0(_Symmetric32):
     ggml_type = GGMLQuantizationType.Q4_0
     block_size, type_size, bits = 32, 18, 4
+    sub_block, codes = 32, (-8, 7)
 
 
 class Q5_0(_Symmetric32):
     ggml_type = GGMLQuantizationType.Q5_0
     block_size, type_size, bits = 32, 22, 5
+    sub_block, codes = 32, (-16, 15)
 
 
 class Q4_1(_Affine32):
     ggml_type = GGMLQuantizationType.Q4_1
     block_size, type_size, bits = 32, 20, 4
+    sub_block, codes = 32, (0, 15)
 
 
 class Q5_1(_Affine32):
     ggml_type = GGMLQuantizationType.Q5_1
     block_size, type_size, bits = 32, 24, 5
+    sub_block, codes = 32, (0, 31)
 
 
 def _sub_blocks(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -595,6 +627,7 @@ def _requantize(x: torch.Tensor, levels: torch.Tensor, d: torch.Tensor, offset: 
 class Q2_K(BlockFormat):
     ggml_type = GGMLQuantizationType.Q2_K
     block_size, type_size = 256, 84
+    sub_block, codes = 16, (0, 3)
 
     @classmethod
     def _encode(cls, x, qw):
@@ -622,18 +655,18 @@ class Q2_K(BlockFormat):
                           _half_bytes(d), _half_bytes(dmin)], -1)
 
     @classmethod
-    def _decode(cls, raw):
+    def _affine(cls, raw):
         sc = raw[..., :16].to(torch.int64)
         d, dmin = _read_half(raw, 80), _read_half(raw, 82)
         dl = (d * (sc & 0xF).float()).unsqueeze(-1)
         ml = (dmin * (sc >> 4).float()).unsqueeze(-1)
-        q = _unpack_crumbs(raw[..., 16:80]).view(*raw.shape[:-1], 16, 16).float()
-        return (dl * q - ml).flatten(-2)
+        return _unpack_crumbs(raw[..., 16:80]).view(*raw.shape[:-1], 16, 16), dl, -ml
 
 
 class Q3_K(BlockFormat):
     ggml_type = GGMLQuantizationType.Q3_K
     block_size, type_size = 256, 110
+    sub_block, codes = 16, (-4, 3)
 
     @classmethod
     def _encode(cls, x, qw):
@@ -656,11 +689,11 @@ class Q3_K(BlockFormat):
                           _pack_q3_scales(ls), _half_bytes(d)], -1)
 
     @classmethod
-    def _decode(cls, raw):
+    def _affine(cls, raw):
         d = _read_half(raw, 108)
         dl = (d * (_unpack_q3_scales(raw[..., 96:108]) - 32).float()).unsqueeze(-1)
         q = _unpack_crumbs(raw[..., 32:96]) - 4 * (1 - _unpack_high_bits(raw[..., :32]))
-        return (dl * q.view(*raw.shape[:-1], 16, 16).float()).flatten(-2)
+        return q.view(*raw.shape[:-1], 16, 16), dl, None
 
 
 class _ScaleMinK(BlockFormat):
@@ -707,7 +740,7 @@ class _ScaleMinK(BlockFormat):
         return torch.cat(parts + [_pack_nibble_pairs(levels, 32)], -1)
 
     @classmethod
-    def _decode(cls, raw):
+    def _affine(cls, raw):
         d, dmin = _read_half(raw, 0), _read_half(raw, 2)
         sc, m = _unpack_k4_scales(raw[..., 4:16])
         q = _unpack_nibble_pairs(raw[..., -128:], 32)
@@ -715,24 +748,27 @@ class _ScaleMinK(BlockFormat):
             q = q | (_unpack_high_bits(raw[..., 16:48]) << 4)
         dl = (d * sc.float()).unsqueeze(-1)
         ml = (dmin * m.float()).unsqueeze(-1)
-        return (dl * q.view(*raw.shape[:-1], 8, 32).float() - ml).flatten(-2)
+        return q.view(*raw.shape[:-1], 8, 32), dl, -ml
 
 
 class Q4_K(_ScaleMinK):
     ggml_type = GGMLQuantizationType.Q4_K
     block_size, type_size, bits = 256, 144, 4
+    sub_block, codes = 32, (0, 15)
     ref_search = (-1.0, 0.1, 20)
 
 
 class Q5_K(_ScaleMinK):
     ggml_type = GGMLQuantizationType.Q5_K
     block_size, type_size, bits = 256, 176, 5
+    sub_block, codes = 32, (0, 31)
     ref_search = (-0.5, 0.1, 15)
 
 
 class Q6_K(BlockFormat):
     ggml_type = GGMLQuantizationType.Q6_K
     block_size, type_size = 256, 210
+    sub_block, codes = 16, (-32, 31)
 
     @classmethod
     def _encode(cls, x, qw):
@@ -754,14 +790,14 @@ class Q6_K(BlockFormat):
         return torch.where(zero[..., None], 0, out).to(torch.uint8)
 
     @classmethod
-    def _decode(cls, raw):
+    def _affine(cls, raw):
         ql = raw[..., :128].to(torch.int64).reshape(*raw.shape[:-1], 2, 1, 64)
         low = torch.cat([ql & 0xF, ql >> 4], -2).reshape(*raw.shape[:-1], 2, 4, 32)
         qh = raw[..., 128:192].to(torch.int64).reshape(*raw.shape[:-1], 2, 1, 32)
         high = (qh >> torch.tensor([0, 2, 4, 6], device=raw.device).view(4, 1)) & 3
-        q = ((low | (high << 4)) - 32).reshape(*raw.shape[:-1], 16, 16).float()
+        q = ((low | (high << 4)) - 32).reshape(*raw.shape[:-1], 16, 16)
         sc = raw[..., 192:208].contiguous().view(torch.int8).float()
-        return ((_read_half(raw, 208) * sc).unsqueeze(-1) * q).flatten(-2)
+        return q, (_read_half(raw, 208) * sc).unsqueeze(-1), None
 
 
 CODECS: dict[str, type[BlockFormat]] = {

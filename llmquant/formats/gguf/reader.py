@@ -1,8 +1,9 @@
-"""Reading a GGUF file back: its description, and a transformers model of its dequantized weights.
+"""Reading a GGUF file back: its description, and a transformers model of its weights.
 
-The header is checked first (validate.py); tensor bytes are then memory-mapped and decoded by our
-own block decoders. Config and tokenizer come from transformers' GGUF support, which reads the
-same metadata llama.cpp does.
+The header is checked first (validate.py); tensor bytes are then memory-mapped and either decoded by
+our own block decoders (float32, for quality measurements) or, for CPU inference, kept in their blocks:
+linears and the embedding table become nn/cpu.py's packed modules. Config and tokenizer come from
+transformers' GGUF support, which reads the same metadata llama.cpp does.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from torch import nn
 
 from ...errors import UserError, require_finite
 from .mixes import MIXES
-from ...numerics.ggml import CODECS
+from ...nn.cpu import BlockEmbedding, block_linear
+from ...numerics.ggml import CODECS, FLOAT, BlockTensor
 from .validate import GGUFSummary, check_gguf
 from ...serving import gguf_runtimes
 from ...models.adapters import adapter_for
@@ -51,8 +54,28 @@ def describe_gguf(path: str | Path) -> dict:
             "serving": [r.to_dict() for r in gguf_runtimes()]}
 
 
-def _tensor(mm: np.memmap, summary: GGUFSummary, info) -> torch.Tensor:
-    """Float32 values of one tensor in torch order ([rows, row length])."""
+# keys transformers' GGUF config mapping drops (the writer's) -> the config attributes they set, where the
+# family's config has them: Qwen3's heads are not hidden / heads wide, and MoE widths and counts
+_DROPPED_KEYS = {
+    "attention.key_length": ("head_dim",),
+    "expert_count": ("num_experts", "num_local_experts", "n_routed_experts"),
+    "expert_used_count": ("num_experts_per_tok",),
+    "expert_feed_forward_length": ("moe_intermediate_size",),
+    "expert_shared_feed_forward_length": ("shared_expert_intermediate_size",),
+}
+
+
+def _complete_config(config, metadata: dict) -> None:
+    arch = metadata.get("general.architecture")
+    for key, attributes in _DROPPED_KEYS.items():
+        value = metadata.get(f"{arch}.{key}")
+        for attribute in attributes:
+            if value and (attribute == "head_dim" or hasattr(config, attribute)):
+                setattr(config, attribute, value)
+
+
+def _blocks(mm: np.memmap, summary: GGUFSummary, info) -> BlockTensor:
+    """One tensor's bytes, copied out of the map, as rows in torch order ([..., rows, row bytes])."""
     start = summary.data_offset + info.offset
     raw = torch.from_numpy(np.array(mm[start:start + info.nbytes]))
     kind = GGMLQuantizationType[info.type]
@@ -60,13 +83,27 @@ def _tensor(mm: np.memmap, summary: GGUFSummary, info) -> torch.Tensor:
         raise UserError(f"{summary.metadata.get('general.name')}: tensor {info.name} has type {kind.name}, "
                         f"which llmquant cannot decode")
     n = info.shape[0]
-    rows = info.nbytes // (n // GGML_QUANT_SIZES[kind][0] * GGML_QUANT_SIZES[kind][1])
-    values = CODECS[kind.name].dequantize(raw.reshape(rows, -1), n)
-    return values.reshape(tuple(reversed(info.shape)))
+    row_bytes = n // GGML_QUANT_SIZES[kind][0] * GGML_QUANT_SIZES[kind][1]
+    return BlockTensor(kind, raw.reshape(*reversed(info.shape[1:]), row_bytes), n)
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
-    """(transformers model with the file's weights decoded by our codecs, tokenizer)."""
+def _packed_module(module: nn.Module, weight: BlockTensor, dtype: torch.dtype, path: Path) -> nn.Module:
+    """The nn/cpu.py module that computes with `weight`'s blocks in place of `module`."""
+    codes, scale, base = CODECS[weight.type.name].affine(weight.data, weight.in_features)
+    for part in (scale, base):  # a header could say anything: no inf or NaN scale gets into a model
+        if part is not None:
+            require_finite(part, path, f"{weight.type.name} scales")
+    del codes
+    if isinstance(module, nn.Embedding):
+        return BlockEmbedding(weight, dtype, getattr(module, "scalar_embed_scale", None))
+    return block_linear(weight, None if module.bias is None else module.bias.detach())
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, packed: bool = False):
+    """(transformers model, tokenizer). packed=False: every weight decoded to `dtype` by our codecs (exact,
+    for quality measurements). packed=True (CPU inference): quantized linears and embedding tables stay in
+    their blocks (nn/cpu.py), so the model holds about the file's bytes; the rest is `dtype`."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -79,44 +116,52 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
                         f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
     adapter = adapter_for(config.model_type)
     arch = arch_of(adapter)
-    # transformers' GGUF config mapping drops key_length; Qwen3 heads are not hidden / heads wide
-    head_dim = summary.metadata.get(f"{summary.metadata.get('general.architecture')}.attention.key_length")
-    if head_dim:
-        config.head_dim = head_dim
-    with torch.device("meta"):
+    _complete_config(config, summary.metadata)
+    with init_empty_weights(include_buffers=False):  # computed buffers (rotary tables, embed_scale) for real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     adapter = adapter.prepare(model)  # MoE: one linear per expert, each a slice of the file's 3D tensor
     by_name = {t.name: t for t in summary.tensors}
+    tied = getattr(config, "tie_word_embeddings", False)
+    modules = dict(model.named_modules())
     mm = np.memmap(path, dtype=np.uint8, mode="r")
-    state, decoded = {}, {}
+    state, blocks, read = {}, {}, {}
     for hf, meta in model.state_dict().items():
-        if hf == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
-            continue
-        if hf.endswith("rotary_emb.inv_freq"):
+        if (hf == "lm_head.weight" and tied) or hf.endswith("rotary_emb.inv_freq"):
             continue
         name = gguf_name(hf, arch, config.num_hidden_layers, adapter)
         if name not in by_name:
             raise UserError(f"{path}: tensor {name} (for {hf}) is missing")
-        if name not in decoded:
-            decoded = {name: _tensor(mm, summary, by_name[name])}  # experts: decoded once for all of them
-        values = decoded[name]
+        if name not in read:
+            read = {name: _blocks(mm, summary, by_name[name])}  # experts: read once for all of them
+        weight = read[name]
         expert = expert_of(hf)
         if expert is not None:  # one expert's slice of the 3D tensor
-            values = values[expert[1]]
-        require_finite(values, path, name)
+            weight = BlockTensor(weight.type, weight.data[expert[1]], weight.in_features)
         heads = heads_of(hf, config)
-        if heads is not None and arch in PERMUTED:
-            values = unpermute_rows(values, heads)
+        if heads is not None and arch in PERMUTED:  # rows are independent: permuting bytes permutes values
+            weight = BlockTensor(weight.type, unpermute_rows(weight.data, heads), weight.in_features)
+        shape = (*weight.data.shape[:-1], weight.in_features)
+        if shape != tuple(meta.shape):
+            raise UserError(f"{path}: tensor {name} has shape {shape}, expected {tuple(meta.shape)}")
+        owner, _, kind = hf.rpartition(".")
+        if packed and kind == "weight" and weight.type not in FLOAT and isinstance(modules[owner],
+                                                                                     (nn.Linear, nn.Embedding)):
+            blocks[owner] = BlockTensor(weight.type, weight.data.contiguous(), weight.in_features)
+            continue
+        values = weight.dequantize()
+        require_finite(values, path, name)
         if adapter.norm_offset and hf.endswith("norm.weight"):
             values = values - adapter.norm_offset  # stored as offset + w (writer.stored_value)
-        if values.shape != meta.shape:
-            raise UserError(f"{path}: tensor {name} has shape {tuple(values.shape)}, expected {tuple(meta.shape)}")
         state[hf] = values.to(dtype)
     model.load_state_dict(state, strict=False, assign=True)
-    if getattr(config, "tie_word_embeddings", False):
+    embedding = next(n for n, m in modules.items() if m is model.get_input_embeddings())
+    if tied and embedding in blocks:  # the output layer computes with the table's blocks too
+        blocks["lm_head"] = blocks[embedding]
+    elif tied:
         model.tie_weights()
-    rotary = model.model.rotary_emb  # its inv_freq is computed, not stored: build it for real
-    model.model.rotary_emb = type(rotary)(config=config)
+    for owner, weight in blocks.items():
+        parent, _, child = owner.rpartition(".")
+        setattr(model.get_submodule(parent), child, _packed_module(modules[owner], weight, dtype, path))
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise UserError(f"{path}: no tensor for {left[0]}")
