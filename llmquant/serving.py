@@ -128,7 +128,9 @@ def awq_runtimes(q: dict, shapes: list[tuple[int, int]]) -> list[Runtime]:
 def gguf_runtimes() -> list[Runtime]:
     return [Runtime("llama.cpp (llama-cli, llama-server; Ollama, LM Studio, llama-cpp-python)", True,
                     "its own CPU/GPU kernels for every block type written"),
-            Runtime(LLMQUANT, True, "weights decoded to float when loaded")]
+            Runtime(LLMQUANT, True, "CPU: blocks kept as they are (Q4_0/Q4_1/Q4_K on PyTorch's int4 kernel, "
+                                    "Q5/Q8_0 as two int4 halves, Q2_K/Q3_K/Q6_K dequantized per call); "
+                                    "GPU: weights decoded to float when loaded")]
 
 
 def runtimes(q: dict, shapes: list[tuple[int, int]]) -> list[Runtime]:

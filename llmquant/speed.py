@@ -65,7 +65,7 @@ def measure(path: str, prompt_tokens: int, new_tokens: int, device: str = "cpu",
         model = model.to(getattr(torch, dtype))
     load_s = time.perf_counter() - start
     rss_loaded = _rss_bytes()  # lengths against the context were checked by bench(), before loading
-    vocab = model.get_input_embeddings().weight.shape[0]
+    vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0)).to(device)
     start = time.perf_counter()
     if compiled:  # warm-up: allocations, lazy initialisation, compilation
@@ -183,12 +183,11 @@ def model_facts(path: str) -> tuple[int | None, int | None]:
     from .models.loader import read_config, resolve_model
 
     if is_gguf(path):
-        from .formats.gguf.validate import check_gguf
+        from .formats.gguf.validate import array_length, check_gguf
 
         meta = check_gguf(path).metadata
         arch = meta.get("general.architecture")
-        tokens = meta.get("tokenizer.ggml.tokens")
-        return (len(tokens) if tokens is not None else None), meta.get(f"{arch}.context_length")
+        return array_length(meta.get("tokenizer.ggml.tokens")), meta.get(f"{arch}.context_length")
     config = read_config(Path(resolve_model(path)))
     text = config.get("text_config", config)
     return text.get("vocab_size"), text.get("max_position_embeddings")

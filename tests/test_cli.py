@@ -80,6 +80,18 @@ def test_bench_measures_a_model_beside_its_base_and_refuses_what_it_cannot_compa
         assert_one_line_error(*run(capsys, *argv)[::2], *needles)
 
 
+def test_bench_runs_a_gguf_file_in_its_blocks_beside_its_base(tiny_model_dir, tmp_path, capsys):
+    """The file's vocabulary (an array longer than the header summary shows) is compared with the base's."""
+    out = tmp_path / "q.gguf"
+    assert run(capsys, "quantize", tiny_model_dir, "--method", "rtn", "--format", "gguf", "--gguf-type", "Q8_0",
+               "--out", out)[0] == 0
+    code, stdout, _ = run(capsys, "bench", out, "--base", tiny_model_dir, "--prompt-tokens", 8, "--new-tokens", 3,
+                          "--json")
+    assert code == 0
+    report = json.loads(stdout)
+    assert report["model"]["decode_tokens_per_s"] > 0 and report["decode_speedup"] > 0 and len(report["base"]) == 2
+
+
 @pytest.mark.slow
 def test_bench_with_a_compiled_decode_step(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "q8"

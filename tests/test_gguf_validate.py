@@ -193,3 +193,11 @@ def test_corrupt_header_is_rejected(tmp_path, name):
     path = tmp_path / "bad.gguf"
     path.write_bytes(data)
     _rejects(path, fragment)
+
+
+def test_array_lengths_survive_the_header_summary():
+    from llmquant.formats.gguf.validate import SHOWN_ITEMS, array_length
+
+    assert array_length(["a", "b"]) == 2
+    assert array_length(f"array[str] of {SHOWN_ITEMS + 1000}") == SHOWN_ITEMS + 1000
+    assert array_length("a plain string") is None and array_length(7) is None

@@ -197,3 +197,12 @@ def check_gguf(path: str | os.PathLike) -> GGUFSummary:
     infos = list(tensors.values())
     _check_placement(r, infos, data_offset, alignment)
     return GGUFSummary(version, metadata, infos, data_offset, r.size)
+
+
+def array_length(value) -> int | None:
+    """The length of an array value as check_gguf keeps it: a list, or past SHOWN_ITEMS its summary."""
+    if isinstance(value, list):
+        return len(value)
+    if isinstance(value, str) and value.startswith("array[") and " of " in value:
+        return int(value.rsplit(" of ", 1)[1])
+    return None
