@@ -9,6 +9,7 @@ transformers' GGUF support, which reads the same metadata llama.cpp does.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -74,10 +75,16 @@ def _complete_config(config, metadata: dict) -> None:
                 setattr(config, attribute, value)
 
 
-def _blocks(mm: np.memmap, summary: GGUFSummary, info) -> BlockTensor:
-    """One tensor's bytes, copied out of the map, as rows in torch order ([..., rows, row bytes])."""
-    start = summary.data_offset + info.offset
-    raw = torch.from_numpy(np.array(mm[start:start + info.nbytes]))
+_CHECKED_ROWS = 2048  # embedding rows decoded at a time to check them
+
+
+def _blocks(file: BinaryIO, summary: GGUFSummary, info) -> BlockTensor:
+    """One tensor's bytes as rows in torch order ([..., rows, row bytes]). Read, not memory-mapped: a map's
+    pages, once touched, stay resident with the model's own copy."""
+    raw = torch.empty(info.nbytes, dtype=torch.uint8)
+    file.seek(summary.data_offset + info.offset)
+    if file.readinto(memoryview(raw.numpy())) != info.nbytes:
+        raise UserError(f"{file.name}: tensor {info.name} runs past the end of the file")
     kind = GGMLQuantizationType[info.type]
     if kind.name not in CODECS:
         raise UserError(f"{summary.metadata.get('general.name')}: tensor {info.name} has type {kind.name}, "
@@ -87,16 +94,60 @@ def _blocks(mm: np.memmap, summary: GGUFSummary, info) -> BlockTensor:
     return BlockTensor(kind, raw.reshape(*reversed(info.shape[1:]), row_bytes), n)
 
 
-def _packed_module(module: nn.Module, weight: BlockTensor, dtype: torch.dtype, path: Path) -> nn.Module:
-    """The nn/cpu.py module that computes with `weight`'s blocks in place of `module`."""
-    codes, scale, base = CODECS[weight.type.name].affine(weight.data, weight.in_features)
-    for part in (scale, base):  # a header could say anything: no inf or NaN scale gets into a model
-        if part is not None:
-            require_finite(part, path, f"{weight.type.name} scales")
-    del codes
+def _packed_module(module: nn.Module, weight: BlockTensor, dtype: torch.dtype, path: Path, name: str) -> nn.Module:
+    """The nn/cpu.py module that computes with `weight`'s blocks in place of `module`; no inf or NaN scale
+    (a file could hold anything) gets into the model."""
     if isinstance(module, nn.Embedding):
+        for i in range(0, weight.data.shape[0], _CHECKED_ROWS):  # the table's rows are decoded only when read
+            rows = BlockTensor(weight.type, weight.data[i:i + _CHECKED_ROWS], weight.in_features)
+            require_finite(rows.dequantize(), path, name)
         return BlockEmbedding(weight, dtype, getattr(module, "scalar_embed_scale", None))
-    return block_linear(weight, None if module.bias is None else module.bias.detach())
+    packed = block_linear(weight, None if module.bias is None else module.bias.detach())
+    for buffer in packed.buffers():
+        if buffer.is_floating_point():
+            require_finite(buffer, path, name)
+    return packed
+
+
+def _read_tensors(path: Path, summary: GGUFSummary, model: nn.Module, adapter, arch: str, packed: bool,
+                  dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, BlockTensor]]:
+    """(float tensors for load_state_dict, and with `packed` the file blocks of each quantized linear and
+    embedding table by module name), every shape checked against the model's."""
+    config = model.config
+    by_name = {t.name: t for t in summary.tensors}
+    tied = getattr(config, "tie_word_embeddings", False)
+    modules = dict(model.named_modules())
+    state, blocks, read = {}, {}, {}
+    with open(path, "rb") as file:
+        for hf, meta in model.state_dict().items():
+            if (hf == "lm_head.weight" and tied) or hf.endswith("rotary_emb.inv_freq"):
+                continue
+            name = gguf_name(hf, arch, config.num_hidden_layers, adapter)
+            if name not in by_name:
+                raise UserError(f"{path}: tensor {name} (for {hf}) is missing")
+            if name not in read:
+                read = {name: _blocks(file, summary, by_name[name])}  # experts: read once for all of them
+            weight = read[name]
+            expert = expert_of(hf)
+            if expert is not None:  # one expert's slice of the 3D tensor
+                weight = BlockTensor(weight.type, weight.data[expert[1]], weight.in_features)
+            heads = heads_of(hf, config)
+            if heads is not None and arch in PERMUTED:  # rows are independent: permuting bytes permutes values
+                weight = BlockTensor(weight.type, unpermute_rows(weight.data, heads), weight.in_features)
+            shape = (*weight.data.shape[:-1], weight.in_features)
+            if shape != tuple(meta.shape):
+                raise UserError(f"{path}: tensor {name} has shape {shape}, expected {tuple(meta.shape)}")
+            owner, _, kind = hf.rpartition(".")
+            if packed and kind == "weight" and weight.type not in FLOAT and isinstance(modules[owner],
+                                                                                         (nn.Linear, nn.Embedding)):
+                blocks[owner] = BlockTensor(weight.type, weight.data.contiguous(), weight.in_features)
+                continue
+            values = weight.dequantize()
+            require_finite(values, path, name)
+            if adapter.norm_offset and hf.endswith("norm.weight"):
+                values = values - adapter.norm_offset  # stored as offset + w (writer.stored_value)
+            state[hf] = values.to(dtype)
+    return state, blocks
 
 
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, packed: bool = False):
@@ -120,48 +171,19 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, packed: bool
     with init_empty_weights(include_buffers=False):  # computed buffers (rotary tables, embed_scale) for real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     adapter = adapter.prepare(model)  # MoE: one linear per expert, each a slice of the file's 3D tensor
-    by_name = {t.name: t for t in summary.tensors}
+    state, blocks = _read_tensors(path, summary, model, adapter, arch, packed, dtype)
     tied = getattr(config, "tie_word_embeddings", False)
     modules = dict(model.named_modules())
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
-    state, blocks, read = {}, {}, {}
-    for hf, meta in model.state_dict().items():
-        if (hf == "lm_head.weight" and tied) or hf.endswith("rotary_emb.inv_freq"):
-            continue
-        name = gguf_name(hf, arch, config.num_hidden_layers, adapter)
-        if name not in by_name:
-            raise UserError(f"{path}: tensor {name} (for {hf}) is missing")
-        if name not in read:
-            read = {name: _blocks(mm, summary, by_name[name])}  # experts: read once for all of them
-        weight = read[name]
-        expert = expert_of(hf)
-        if expert is not None:  # one expert's slice of the 3D tensor
-            weight = BlockTensor(weight.type, weight.data[expert[1]], weight.in_features)
-        heads = heads_of(hf, config)
-        if heads is not None and arch in PERMUTED:  # rows are independent: permuting bytes permutes values
-            weight = BlockTensor(weight.type, unpermute_rows(weight.data, heads), weight.in_features)
-        shape = (*weight.data.shape[:-1], weight.in_features)
-        if shape != tuple(meta.shape):
-            raise UserError(f"{path}: tensor {name} has shape {shape}, expected {tuple(meta.shape)}")
-        owner, _, kind = hf.rpartition(".")
-        if packed and kind == "weight" and weight.type not in FLOAT and isinstance(modules[owner],
-                                                                                     (nn.Linear, nn.Embedding)):
-            blocks[owner] = BlockTensor(weight.type, weight.data.contiguous(), weight.in_features)
-            continue
-        values = weight.dequantize()
-        require_finite(values, path, name)
-        if adapter.norm_offset and hf.endswith("norm.weight"):
-            values = values - adapter.norm_offset  # stored as offset + w (writer.stored_value)
-        state[hf] = values.to(dtype)
     model.load_state_dict(state, strict=False, assign=True)
     embedding = next(n for n, m in modules.items() if m is model.get_input_embeddings())
     if tied and embedding in blocks:  # the output layer computes with the table's blocks too
         blocks["lm_head"] = blocks[embedding]
     elif tied:
         model.tie_weights()
-    for owner, weight in blocks.items():
+    for owner in list(blocks):  # each file tensor's bytes go once its module holds them its own way
+        weight = blocks.pop(owner)
         parent, _, child = owner.rpartition(".")
-        setattr(model.get_submodule(parent), child, _packed_module(modules[owner], weight, dtype, path))
+        setattr(model.get_submodule(parent), child, _packed_module(modules[owner], weight, dtype, path, owner))
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise UserError(f"{path}: no tensor for {left[0]}")
