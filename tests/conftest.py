@@ -3,8 +3,6 @@ import os
 import pytest
 import torch
 
-import llmquant  # noqa: F401 - first: takes the checkout's root off sys.path before transformers loads
-
 from tiny import make_tiny_model, sample_text
 
 torch.set_num_threads(max(1, os.cpu_count() or 1))

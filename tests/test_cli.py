@@ -280,15 +280,14 @@ def test_non_finite_values_in_a_packed_checkpoint_or_gguf_are_refused_by_name(ti
 
 
 def test_runs_from_the_checkout_root_without_shadowing_the_hubs_kernels():
-    """`python -m llmquant` in the checkout puts its root first on sys.path, where kernels/ would pass for
-    the Hub's `kernels` package that transformers imports on every model load."""
+    """`python -m ...` in the checkout puts its root first on sys.path, where kernels/ would pass for the Hub's
+    `kernels` package that transformers imports on every model load (lm-eval's CLI, too, imports no llmquant)."""
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    code = ("import llmquant, kernels, transformers.integrations.hub_kernels; "
-            "print(kernels.__file__)")
+    code = "import kernels, transformers.integrations.hub_kernels, llmquant.kernels.gptq; print(kernels.__file__)"
     run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert Path(run.stdout.strip()).parent != root / "kernels"
