@@ -167,7 +167,8 @@ def _group_gemv(codes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor | N
 
 @functools.cache
 def _compiled_gemv():
-    return torch.compile(_group_gemv, dynamic=False)
+    """One compilation for every shape (about 8 s here, on the first decoding step), as fast as per-shape ones."""
+    return torch.compile(_group_gemv, dynamic=True)
 
 
 _GEMV = {"fused": True}  # off for the process once compiling fails (no C++ compiler, say)
