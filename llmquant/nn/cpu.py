@@ -1,5 +1,9 @@
 """Packed linears on the CPU through PyTorch's int4 weight-only kernel: the weights stay packed in memory.
 
+Packed checkpoints (`cpu_linear`) and GGUF tensors (`block_linear`, below) both become `Int4CpuLinear`:
+codes with a scale and a base per group of input columns. GGUF types whose scales cover 16 columns, finer
+than the kernel allows, become `GroupDequantLinear`, and a GGUF embedding table a `BlockEmbedding`.
+
 A loaded QuantLinear holds the gptq layout; for CPU inference it is converted once, at load, into
 the layout of `_weight_int4pack_mm_for_cpu`, and its gptq buffers are dropped:
 
