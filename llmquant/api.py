@@ -38,9 +38,10 @@ def load_any(path: str | Path, device: str = "cpu", exact: bool = False):
 
     On the CPU, packed layers run on PyTorch's weight-only kernels (nn/cpu.py): the weights stay
     packed and everything else keeps the checkpoint's dtype (bfloat16 for a GGUF file, whose linears
-    and embedding table stay in their blocks), so the model holds about its file's bytes. exact=True is for quality measurements instead: every float parameter in float32 and each
-    packed layer dequantized to the grid's exact weights on every call (no bfloat16 rounding, and
-    still no float copy of a packed weight kept between calls).
+    and embedding table stay in their blocks), so the model holds about its file's bytes. exact=True
+    is for quality measurements instead: every float parameter in float32 and each packed layer
+    dequantized to the grid's exact weights on every call (no bfloat16 rounding, and still no float
+    copy of a packed weight kept between calls); a GGUF file decoded to float32 whole.
     """
     from transformers import AutoTokenizer
 

@@ -1,7 +1,7 @@
 """Reading a GGUF file back: its description, and a transformers model of its weights.
 
-The header is checked first (validate.py); tensor bytes are then memory-mapped and either decoded by
-our own block decoders (float32, for quality measurements) or, for CPU inference, kept in their blocks:
+The header is checked first (validate.py); each tensor's bytes are then read and either decoded by our
+own block decoders (float32, for quality measurements) or, for CPU inference, kept in their blocks:
 linears and the embedding table become nn/cpu.py's packed modules. Config and tokenizer come from
 transformers' GGUF support, which reads the same metadata llama.cpp does.
 """
