@@ -56,6 +56,30 @@ def test_llama_cpp_tokenizes_like_hf_and_generates(mix, demo_files, demo_model_d
     assert "Berlin" in out, out
 
 
+@pytest.mark.parametrize("mix", ["Q8_0", "Q4_K_M", "Q2_K"])
+def test_llama_cpp_and_our_cpu_kernels_compute_alike_on_a_quantized_file(mix, demo_files, llama_bin):
+    """llmquant running the file in its blocks (nn/cpu.py: int4 kernel, two halves, 1-byte codes) is about as
+    close to llama.cpp as the file decoded to float32 is (llama.cpp rounds activations for its dot products)."""
+    os.environ["LLAMA_CPP_LIB_PATH"] = str(llama_bin)
+    import llama_cpp
+    import torch
+
+    from llmquant.api import load_any
+
+    packed, tok = load_any(demo_files[mix])
+    exact, _ = load_any(demo_files[mix], exact=True)
+    ids = tok(PROMPT * 12).input_ids[:160]
+    llm = llama_cpp.Llama(str(demo_files[mix]), n_ctx=256, n_threads=2, verbose=False, logits_all=True)
+    llm.eval(ids)
+    theirs = np.array(llm.scores[:len(ids)])
+    with torch.no_grad():
+        ours = {name: m(torch.tensor([ids])).logits[0].float().numpy() for name, m in
+                [("packed", packed), ("exact", exact)]}
+    rel = {name: np.linalg.norm(v - theirs) / np.linalg.norm(theirs) for name, v in ours.items()}
+    assert rel["packed"] < 1.5 * rel["exact"] + 1e-3, rel
+    assert (ours["packed"].argmax(-1) == theirs.argmax(-1)).mean() > 0.85
+
+
 def assert_same_tensors(ours, theirs) -> None:
     """Every tensor of two GGUF files has the same type, shape and bytes; so has the file type."""
     a, b = check_gguf(ours), check_gguf(theirs)
