@@ -372,9 +372,6 @@ def _check_card_target(paths) -> None:
         raise UserError(f"--card records results beside a packed folder or GGUF file written by llmquant, not {path}")
 
 
-
-
-
 def _bench(args, path, base) -> dict:
     from .speed import bench
 

@@ -4,8 +4,9 @@ The card (README.md) is written into every packed folder when it is made, and ag
 `eval --card`: metadata the Hub reads (base model, relation, license, tags), then the method and its settings,
 the size, where it runs (serving.py), the quality, task accuracy and speed measured so far (kept beside the
 checkpoint in its evaluation record), how to load it and the command that reproduces it. `push` validates
-what it uploads the way `llmquant inspect` and the loaders do, creates the repo if needed, and uploads everything in one commit through huggingface_hub; the token comes from HF_TOKEN or the
-saved login and is never printed. The local checkpoint is only read.
+what it uploads the way `llmquant inspect` and the loaders do, creates the repo if needed, and uploads
+everything in one commit through huggingface_hub; the token comes from HF_TOKEN or the saved login and is
+never printed. The local checkpoint is only read.
 """
 
 from __future__ import annotations

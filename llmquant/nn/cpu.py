@@ -155,7 +155,6 @@ def use_cpu_kernels(model: nn.Module) -> list[str]:
 
 
 GEMV_ROWS = 4  # inputs of at most this many rows (decoding) take the fused product of GroupDequantLinear
-_CHUNK_WEIGHTS = 1 << 21  # weights of a GGUF tensor converted at a time: the decoders hold ~30 bytes a weight
 
 
 def _group_gemv(codes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor | None, rows: torch.Tensor):
@@ -218,25 +217,6 @@ class GroupDequantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, width={self.width}"
 
 
-def _affine_codes(weight: BlockTensor, shift: int, dtype: torch.dtype):
-    """`weight`'s codes + shift (as `dtype`), scales and bases (float32), decoded a chunk of rows at a time
-    into tensors allocated once."""
-    fmt = CODECS[weight.type.name]
-    rows, n = weight.data.shape[0], weight.in_features
-    codes = torch.empty(rows, n, dtype=dtype)
-    scale = torch.empty(rows, n // fmt.sub_block)
-    base = None
-    step = max(1, _CHUNK_WEIGHTS // n)
-    for i in range(0, rows, step):
-        c, s, b = fmt.affine(weight.data[i:i + step], n)
-        codes[i:i + step] = c + shift  # the decoder's int64 codes go with the chunk
-        scale[i:i + step] = s
-        if b is not None:
-            base = torch.empty_like(scale) if base is None else base
-            base[i:i + step] = b
-    return codes, scale, base
-
-
 def block_linear(weight: BlockTensor, bias: torch.Tensor | None) -> nn.Module:
     """A linear computing with a GGUF tensor's blocks as they are (bit-exact parts, bfloat16 compute):
     types with 32-column scales on the int4 kernel (Q4_0, Q4_1, Q4_K; Q5_*, Q8_0 as two halves),
@@ -249,10 +229,10 @@ def block_linear(weight: BlockTensor, bias: torch.Tensor | None) -> nn.Module:
         # Centred, the halves' kernel terms stay small and the float32 offset does not cancel a large sum.
         wide = hi - lo > 15
         k = (128 if wide else 8) - (lo + hi + 1) // 2
-        codes, scale, base = _affine_codes(weight, k, torch.int16)
+        codes, scale, base = fmt.affine(weight.data, weight.in_features, torch.int16, k)
         base = -k * scale if base is None else base - k * scale
         return Int4CpuLinear(codes, wide, scale, base, fmt.sub_block, None, bias, bits)
-    return GroupDequantLinear(*_affine_codes(weight, 0, torch.int8), bias, bits)
+    return GroupDequantLinear(*fmt.affine(weight.data, weight.in_features, torch.int8), bias, bits)
 
 
 class BlockEmbedding(nn.Module):

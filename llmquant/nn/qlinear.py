@@ -25,10 +25,7 @@ from ..numerics.grid import QuantizedWeight
 def _load_kernels():
     """The Triton kernels module (llmquant.kernels.gptq) if it can run here: triton imports, and there is a
     CUDA GPU or TRITON_INTERPRET=1 was set before the first import. Once per process: forward runs for
-    every linear of every token, and the answer cannot change.
-
-    kernels/ is a namespace package on purpose: a regular top-level `kernels` in a checkout on sys.path
-    would shadow the Hub's `kernels` package, which transformers >= 5.25 imports."""
+    every linear of every token, and the answer cannot change."""
     try:
         from ..kernels import gptq
     except ImportError:

@@ -400,17 +400,29 @@ class BlockFormat:
         return out.reshape(*data.shape[:-1], n)
 
     @classmethod
-    def affine(cls, data: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """uint8 rows [rows, n / block_size · type_size] -> (codes int64 [rows, n], scale float32
-        [rows, n / sub_block], base alike or None), with dequantize(data) == codes * scale + base exactly
-        (each scale and base repeated over its sub-block)."""
+    def affine(cls, data: torch.Tensor, n: int, codes_dtype: torch.dtype = torch.int64,
+               shift: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """uint8 rows [rows, n / block_size · type_size] -> (codes + shift as `codes_dtype` [rows, n], scale
+        float32 [rows, n / sub_block], base alike or None), with dequantize(data) == codes * scale + base
+        exactly (each scale and base repeated over its sub-block). Decoded a chunk of rows at a time into
+        tensors allocated once: the decoders' int64 temporaries stay a chunk's size."""
         if not cls.sub_block:
             raise ValueError(f"{cls.ggml_type.name} is a float type: it has no codes")
         cls.dequantize(data[:0], n)  # the same shape checks
-        codes, scale, base = cls._affine(data.reshape(data.shape[0], n // cls.block_size, cls.type_size))
         rows = data.shape[0]
-        return (codes.reshape(rows, n), scale.reshape(rows, n // cls.sub_block),
-                None if base is None else base.reshape(rows, n // cls.sub_block))
+        codes = torch.empty(rows, n, dtype=codes_dtype, device=data.device)
+        scale = torch.empty(rows, n // cls.sub_block, device=data.device)
+        base, start = None, 0
+        for chunk in _row_chunks(data.reshape(rows, n // cls.block_size, cls.type_size), n):
+            c, s, b = cls._affine(chunk)
+            end = start + chunk.shape[0]
+            codes[start:end] = c.reshape(end - start, n) + shift
+            scale[start:end] = s.reshape(end - start, -1)
+            if b is not None:
+                base = torch.empty_like(scale) if base is None else base
+                base[start:end] = b.reshape(end - start, -1)
+            start = end
+        return codes, scale, base
 
     @classmethod
     def _affine(cls, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -75,9 +75,6 @@ def _complete_config(config, metadata: dict) -> None:
                 setattr(config, attribute, value)
 
 
-_CHECKED_ROWS = 2048  # embedding rows decoded at a time to check them
-
-
 def _blocks(file: BinaryIO, summary: GGUFSummary, info) -> BlockTensor:
     """One tensor's bytes as rows in torch order ([..., rows, row bytes]). Read, not memory-mapped: a map's
     pages, once touched, stay resident with the model's own copy."""
@@ -97,10 +94,11 @@ def _blocks(file: BinaryIO, summary: GGUFSummary, info) -> BlockTensor:
 def _packed_module(module: nn.Module, weight: BlockTensor, dtype: torch.dtype, path: Path, name: str) -> nn.Module:
     """The nn/cpu.py module that computes with `weight`'s blocks in place of `module`; no inf or NaN scale
     (a file could hold anything) gets into the model."""
-    if isinstance(module, nn.Embedding):
-        for i in range(0, weight.data.shape[0], _CHECKED_ROWS):  # the table's rows are decoded only when read
-            rows = BlockTensor(weight.type, weight.data[i:i + _CHECKED_ROWS], weight.in_features)
-            require_finite(rows.dequantize(), path, name)
+    if isinstance(module, nn.Embedding):  # its rows are decoded only when looked up: check its scales now
+        _, scale, base = CODECS[weight.type.name].affine(weight.data, weight.in_features, torch.int8)
+        for part in (scale, base):
+            if part is not None:
+                require_finite(part, path, name)
         return BlockEmbedding(weight, dtype, getattr(module, "scalar_embed_scale", None))
     packed = block_linear(weight, None if module.bias is None else module.bias.detach())
     for buffer in packed.buffers():
