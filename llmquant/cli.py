@@ -108,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "(about half the time of block), by that of the GPTQ solve that follows, or by what RTN "
                          "of the group does to the whole block's output on 4096 calibration tokens (AWQ's module "
                          "output) (default: block for awq, gptq for awq+gptq, rtn for awq+gptq into GGUF)")
+    mp = q.add_argument_group("mixed precision")
+    mp.add_argument("--target-bpw", type=float, metavar="B",
+                    help="give each linear the bits and group size (gptq: 2/3/4/8 bits x groups 32/64/128; gguf: "
+                         "the block types llama.cpp can place on it) that minimise the model's predicted loss at B "
+                         "bits per quantized weight, measured by one backward pass over 16 calibration samples; "
+                         "--bits/--group-size/--gguf-type then only name the candidates' grid and the file's mix")
+    mp.add_argument("--dry-run-allocation", action="store_true",
+                    help="with --target-bpw: print each linear's setting, bytes and predicted cost, write nothing")
     gg = q.add_argument_group("GGUF")
     gg.add_argument("--gguf-type", default="Q4_K_M",
                     help="llama.cpp mix: Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_0, Q4_1, Q4_K_S, Q4_K_M, Q5_0, Q5_1, "
@@ -199,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="show a packed checkpoint's (or GGUF file's) settings and size")
     i.add_argument("path", metavar="PATH")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--layers", action="store_true",
+                   help="also list every packed linear: its bits and group size (mixed precision: bytes, and the "
+                        "predicted cost and the solver's achieved cost from quant_report.json)")
 
     p = sub.add_parser("push", help="upload a packed folder or GGUF file to the Hugging Face Hub, with its card",
                        description="Upload PATH (a packed folder, a GGUF file, or a folder of GGUF files) to the Hub "
@@ -247,9 +258,17 @@ def _print_report(report, config, args, result) -> None:
     if report.gguf_types:
         counts = collections.Counter(t for name, t in report.gguf_types.items() if name.endswith(".weight"))
         print(f"wrote {report.out}: GGUF {config.gguf_type} by {config.method}; {_type_summary(counts)}")
+    elif report.allocation:
+        print(f"wrote {report.out}: {report.quantized_linears} linears, mixed precision, "
+              f"{'sym' if report.sym else 'asym'}")
     else:
         print(f"wrote {report.out}: {report.quantized_linears} linears at {report.bits} bits, group "
               f"{report.group_size}, {'sym' if report.sym else 'asym'}")
+    if report.allocation:
+        a = report.allocation
+        counts = collections.Counter(u["setting"] for u in a["linears"].values())
+        print(f"  allocated {a['bpw']:.3f} bits per weight of the linears for --target-bpw {config.target_bpw} in "
+              f"{a['seconds']:.0f} s (predicted KLD {a['predicted_kld']:.4f}): {_type_summary(counts)}")
     print(f"  size {report.size_bytes / 2**20:.1f} MiB, {report.bpw:.3f} bits per quantized weight, "
           f"{report.bits_per_parameter:.3f} bits per parameter over the whole output, {report.seconds:.1f} s")
     if report.peak_gpu_bytes is not None:
@@ -276,13 +295,18 @@ def cmd_quantize(args) -> None:
         from .speed import check_lengths
 
         check_lengths(args.prompt_tokens, args.new_tokens)
-    if args.calib and config.method == "rtn":
+    if args.dry_run_allocation and config.target_bpw is None:
+        raise UserError("--dry-run-allocation prints the plan of --target-bpw; give one")
+    if args.calib and config.method == "rtn" and config.target_bpw is None:
         print("note: rtn uses no calibration data; --calib is ignored", file=sys.stderr)
     if args.push_to_hub:
         from .publish import check_destination
 
         check_destination(args.push_to_hub)
-    report = quantize(args.model, config, args.out, force=args.force, work_dir=args.work_dir, resume=args.resume)
+    report = quantize(args.model, config, args.out, force=args.force, work_dir=args.work_dir, resume=args.resume,
+                      dry_run_allocation=args.dry_run_allocation)
+    if report is None:  # --dry-run-allocation: the plan is printed
+        return
     result = report.to_dict()
     if args.eval:
         from .publish import record_eval
@@ -467,6 +491,15 @@ def cmd_inspect(args) -> None:
     print(f"  {info['tensors']} tensors in {info['files']} file(s), {info['size_bytes'] / 2**20:.1f} MiB")
     if info["meta"]:
         print(f"  meta: {json.dumps(info['meta'])}")
+    if info["mixed"]:
+        counts = collections.Counter(f"W{v['bits']} g{v['group_size']}" for v in info["layers"].values())
+        print(f"  mixed precision (per-layer settings in `dynamic`): {_type_summary(counts)}"
+              f"{'' if args.layers else '; --layers lists them'}")
+    if args.layers:
+        for name, layer in info["layers"].items():
+            costs = "".join(f", {key.replace('_', ' ')} {layer[key]:.2e}" for key in ("predicted_kld", "kld_estimate")
+                            if key in layer)
+            print(f"    {name}: W{layer['bits']} g{layer['group_size']}, {layer['bytes']:,} B{costs}")
     _print_serving(info["serving"])
 
 

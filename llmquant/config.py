@@ -48,6 +48,9 @@ class QuantConfig:
     duo_scaling: bool = True  # candidate scales mean|x|^a / mean|w|^(1-a), not mean|x|^a alone
     awq_clip: bool | None = None  # clip each group after the scales; None: the method's default, see awq_clip_mode
     awq_search: str | None = None  # judge of the scale candidates, rtn | gptq | block; None: see awq_search_mode
+    # mixed precision: each linear's setting chosen for the least predicted loss at this many bits per
+    # quantized weight (see allocation.py); None: every linear takes --bits/--group-size (or the GGUF mix)
+    target_bpw: float | None = None
     # GGUF
     gguf_type: str = "Q4_K_M"  # llama.cpp mix name
     tensor_types: list[str] = field(default_factory=list)  # PATTERN=TYPE overrides
@@ -94,6 +97,14 @@ class QuantConfig:
         if self.awq_search == "gptq" and not (self.method == "awq+gptq" and self._gptq_on_grid()):
             raise UserError("--awq-search gptq judges scales by the GPTQ that follows: it needs --method awq+gptq "
                             "and --format gptq or awq")
+        if self.target_bpw is not None:
+            if not 0 < self.target_bpw <= 32:
+                raise UserError(f"--target-bpw must be a number of bits per weight, not {self.target_bpw}")
+            if self.format == "awq":
+                raise UserError("--target-bpw gives linears different bits and group sizes, which the awq (GEMM) "
+                                "layout cannot describe; use --format gptq (any --method) or gguf")
+            if self.tensor_types:
+                raise UserError("--tensor-type fixes tensors' types and --target-bpw chooses them: use one")
         if not 0 < self.damp <= 1:
             raise UserError(f"--damp must be in (0, 1], not {self.damp}")
         if self.block_size < 1:
@@ -190,6 +201,7 @@ class QuantReport:
     gguf_types: dict[str, str] | None = None  # GGUF: tensor name -> block type
     peak_gpu_bytes: int | None = None  # --device cuda: the most GPU memory torch held at once
     bits_per_parameter: float | None = None  # the whole output's size over all the model's parameters
+    allocation: dict | None = None  # --target-bpw: each unit's setting, bytes and predicted cost (Allocation.to_dict)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -9,6 +9,7 @@ that replaces `out` only when complete.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -27,10 +28,13 @@ from .runner import run_layers
 
 
 def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: bool = False,
-             progress: bool = True, work_dir: str | Path | None = None, resume: bool = False) -> QuantReport:
+             progress: bool = True, work_dir: str | Path | None = None, resume: bool = False,
+             dry_run_allocation: bool = False) -> QuantReport | None:
     """Quantize a float checkpoint (directory, Hub id or 'demo') and write the packed result to `out`.
 
-    With `work_dir`, every finished block is kept there durably; `resume` continues such a run.
+    With `work_dir`, every finished block is kept there durably; `resume` continues such a run. With
+    config.target_bpw, each linear's setting is allocated first (allocation.py); `dry_run_allocation`
+    prints that plan and returns None without writing anything.
     """
     config.validate()
     fmt = format_for(config.format)
@@ -50,14 +54,24 @@ def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: boo
                         "sends an expert other tokens in the float model than in the quantized one: not supported "
                         f"for mixture-of-experts families ({adapter.family}) yet")
     plan = fmt.plan(checkpoint, config)
-    solver = make_solver(config, config.spec(), adapter.pairs_at, set(plan.targets), inner=plan.grid)
     check_float_share(plan, config)
-    budget = memory_budget(config, checkpoint, solver.calibrated)
+    calibrated = config.method != "rtn"  # every method but rtn observes activations
+    budget = memory_budget(config, checkpoint, calibrated)
     tokenizer = checkpoint.tokenizer()
     samples = None
-    if solver.calibrated:  # the source used is what the work dir's fingerprint and the card record
+    if calibrated or config.target_bpw is not None:  # the source used is what the work dir and the card record
         samples, source = calibration_samples(config, checkpoint, tokenizer)
         config = replace(config, calib=source)
+    if config.target_bpw is not None:
+        from .allocation import allocate_plan, print_plan
+
+        config, plan = allocate_plan(fmt, checkpoint, config, plan, samples, progress)
+        if dry_run_allocation:
+            print_plan(plan.allocation, fmt.describe, file=sys.stdout)
+            return None
+    solver = make_solver(config, config.spec(), adapter.pairs_at, set(plan.targets), inner=plan.grid,
+                         overrides=plan.overrides, fisher=plan.allocation.fisher if plan.allocation else None)
+    assert solver.calibrated == calibrated, "methods.py and the pipeline disagree on calibration"
     on_gpu = torch.device(config.device).type == "cuda"
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(config.device)
@@ -69,7 +83,10 @@ def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: boo
             run_layers(checkpoint.model, adapter, solver, set(plan.targets), samples, config.device,
                        progress=progress, workdir=workdir, sink=sink, checkpoint=checkpoint, budget=budget,
                        spill_dir=spill, expert_min_tokens=config.expert_min_tokens)
-            sink.finish({"method": config.method, "linears": solver.report} if solver.report else None)
+            report = {"method": config.method, "linears": solver.report} if solver.report else {}
+            if plan.allocation is not None:
+                report["allocation"] = plan.allocation.to_dict(fmt.describe)
+            sink.finish(report or None)
         except BaseException:
             sink.abort()
             raise
@@ -82,7 +99,8 @@ def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: boo
                        time.perf_counter() - start, figures["size_bytes"], figures["bpw"], len(plan.targets),
                        plan.skipped, gguf_types=figures.get("gguf_types"),
                        peak_gpu_bytes=torch.cuda.max_memory_allocated(config.device) if on_gpu else None,
-                       bits_per_parameter=figures["bits_per_parameter"])
+                       bits_per_parameter=figures["bits_per_parameter"],
+                       allocation=plan.allocation.to_dict(fmt.describe) if plan.allocation is not None else None)
 
 
 MOST_FLOAT = 0.1  # the share of linears a format may leave in float before the run needs --allow-float

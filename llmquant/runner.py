@@ -26,6 +26,7 @@ from .activations import (BATCH_TOKENS, BlockInputs, Captured, Replay, budgeted_
                           forward_block, in_memory)
 from .memory import solving
 from .models.adapters import ArchAdapter
+from .models.checkpoint import prefix_of
 from .models.experts import expert_of, merged_name
 from .numerics.grid import QuantizedWeight
 
@@ -314,7 +315,7 @@ def run_layers(model: nn.Module, adapter: ArchAdapter, solver: Solver, targets: 
             raise ValueError("this solver needs calibration samples")
         embedding = model.get_input_embeddings()
         if checkpoint is not None:
-            checkpoint.materialize(embedding, _prefix_of(model, embedding))
+            checkpoint.materialize(embedding, prefix_of(model, embedding))
         streams = 1 + (getattr(solver, "float_targets", False) or getattr(solver, "tunes_blocks", False))
         allocate = budgeted_allocator(budget, spill_dir, streams) if budget else None
         inputs = capture_inputs(model, adapter, samples, device, compute_dtype, allocate)
@@ -402,11 +403,6 @@ def _say_where(inputs: BlockInputs, allocate, adapter: ArchAdapter, model: nn.Mo
             f"{allocate.where}; up to {tokens * widths * per_token / 2**20:.0f} MiB more of linear inputs kept "
             f"within a block while --max-memory allows, to skip recomputing them")
     tqdm.write(line, file=sys.stderr)
-
-
-def _prefix_of(model: nn.Module, module: nn.Module) -> str:
-    """`module`'s full name in `model`, with the trailing dot its parameters' names take."""
-    return next(name for name, m in model.named_modules() if m is module) + "."
 
 
 def _restore(model: nn.Module, quantized: dict, floats: dict, compute_dtype: torch.dtype) -> None:

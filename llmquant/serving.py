@@ -106,8 +106,38 @@ def _cpu_kernel(q: dict, shapes, method: str) -> str:
     return f"the default int4 kernel refuses {width}: load with backend=\"torch\""
 
 
+def _settings(q: dict) -> list[dict]:
+    """The base setting and every per-module one `dynamic` gives (mixed precision); "-:" keys name float
+    modules, not settings."""
+    overrides = [v for k, v in (q.get("dynamic") or {}).items() if not k.startswith("-:") and v]
+    return [q, *({**q, **v} for v in overrides)]
+
+
+def _mixed_runtimes(q: dict, shapes) -> list[Runtime]:
+    """Mixed precision: a runtime loads it only if it reads `dynamic` and takes every setting in it."""
+    settings = _settings(q)
+    refusals = [r for r in (_vllm_gptq(s, shapes) for s in settings) if not r.loads]
+    vllm = refusals[0] if refusals else _vllm_gptq(q, shapes)
+    bits = sorted({s["bits"] for s in settings})
+    gptqmodel = Runtime(GPTQMODEL, True, f"reads `dynamic` (bits {'/'.join(map(str, bits))}), a kernel per layer; "
+                                         f"v1 checkpoints need GPTQModel >= 7.3.2 (older versions misread the zero "
+                                         f"points of layers whose bits differ from the top level)")
+    gate = _gptqmodel_gate(q)
+    return [
+        vllm,
+        Runtime(GPTQMODEL, False, gate) if gate else gptqmodel,
+        Runtime(TRANSFORMERS, False, "ignores `dynamic` (per-layer bits and group sizes): it builds every layer at "
+                                     "the top-level setting, and the load stops at the first layer whose tensors "
+                                     "have other shapes"),
+        Runtime(LLMQUANT, True, "reads `dynamic`; CPU: PyTorch's int4 weight-only kernel, each layer at its own bits; "
+                                "CUDA: Triton dequant-matmul"),
+    ]
+
+
 def gptq_runtimes(q: dict, shapes: list[tuple[int, int]]) -> list[Runtime]:
     """Runtimes for a gptq checkpoint; shapes are the packed linears' (in_features, out_features)."""
+    if len(_settings(q)) > 1:
+        return _mixed_runtimes(q, shapes)
     gate = _gptqmodel_gate(q)
     kernels = f"CUDA: {_gptq_cuda_kernel(q, shapes)}; CPU: {_cpu_kernel(q, shapes, 'gptq')}"
     v1 = q.get("checkpoint_format", "gptq") == "gptq"

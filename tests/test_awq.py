@@ -157,9 +157,9 @@ def test_gptq_judge_picks_the_scales_gptq_rounds_best(spec):
     gram = x.T @ x / x.shape[0]
     gptq_solver = GPTQSolver(spec, act_order=True, static_groups=True, refit=True)
     awq = AWQSolver(gptq_solver, spec, [("norm", ("linear",))], judge="inner", judge_rows=16)
-    by_gptq = search_scale(w, gram, x.abs().mean(0), spec, error=awq._inner_error)
+    by_gptq = search_scale(w, gram, x.abs().mean(0), spec, error=awq._inner_error(""))
     by_rtn = search_scale(w, gram, x.abs().mean(0), spec)
-    assert by_gptq["error"] <= min(by_gptq["error_identity"], awq._inner_error(w, by_rtn["scales"], gram))
+    assert by_gptq["error"] <= min(by_gptq["error_identity"], awq._inner_error("")(w, by_rtn["scales"], gram))
     s, rows = by_gptq["scales"], w[::3]  # judge_rows=16 of 48: every third row
     folded = gptq(rows * s, 2 * gram / (s[:, None] * s[None, :]), spec, act_order=True, static_groups=True,
                   refit=True).weight.dequantize() / s

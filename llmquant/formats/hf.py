@@ -34,17 +34,20 @@ COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", 
 
 def gptq_config(bits: int, group_size: int, sym: bool, desc_act: bool = False, method: str = "rtn",
                 skipped: list[str] = (), static_groups: bool = False, block_linears: list[str] = (),
-                blocks: int = 0, checkpoint_format: str = "gptq", **meta) -> dict:
+                blocks: int = 0, checkpoint_format: str = "gptq", mixed: dict[tuple[str, ...], tuple[int, int]] = (),
+                **meta) -> dict:
     """The `quantization_config` of a gptq checkpoint (also written as quantize_config.json);
-    checkpoint_format gptq (v1) or gptq_v2 says how qzeros store the zero point (numerics/pack.py)."""
+    checkpoint_format gptq (v1) or gptq_v2 says how qzeros store the zero point (numerics/pack.py).
+    mixed: linears (on-disk names, a unit a runtime fuses) -> the (bits, group size) they take instead."""
     config = {
         "quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym,
         "static_groups": static_groups, "true_sequential": True, "damp_percent": meta.pop("damp_percent", 0.01),
         "checkpoint_format": checkpoint_format, "pack_dtype": "int32", "lm_head": False,
         "meta": {"quantizer": [f"llmquant:{__version__}"], "method": method, **meta},
     }
+    if skipped or mixed:
+        config["dynamic"] = {**_float_modules(skipped), **_overrides(dict(mixed))}
     if skipped:
-        config["dynamic"] = _float_modules(skipped)
         # transformers/optimum ignore `dynamic`; they take a per-block list of the quantized linears,
         # which can say the same thing when the same linears stay in float in every block
         suffixes = {name.split(".", 3)[-1] for name in skipped}
@@ -56,6 +59,37 @@ def gptq_config(bits: int, group_size: int, sym: bool, desc_act: bool = False, m
 def _float_modules(skipped: list[str]) -> dict:
     """GPTQModel's per-module override `dynamic`: a leading "-:" leaves the module in float."""
     return {f"-:^{re.escape(name)}$": {} for name in skipped}
+
+
+# what vLLM fuses a unit of linears into: its `dynamic` keys are matched against the fused module's name
+VLLM_FUSED = {("k_proj", "q_proj", "v_proj"): "qkv_proj", ("gate_proj", "up_proj"): "gate_up_proj"}
+
+
+def _overrides(mixed: dict[tuple[str, ...], tuple[int, int]]) -> dict:
+    """GPTQModel's `dynamic` entries for linears with their own bits and group size: one anchored regex per
+    unit, naming each linear (GPTQModel matches module by module) and the module vLLM fuses them into."""
+    out = {}
+    for names, (bits, group_size) in mixed.items():
+        parent = names[0].rpartition(".")[0]
+        leaves = tuple(sorted(n.rpartition(".")[2] for n in names))
+        alternatives = [*leaves, *([VLLM_FUSED[leaves]] if leaves in VLLM_FUSED else [])]
+        key = f"+:^{re.escape(parent)}\\.({'|'.join(map(re.escape, alternatives))})$"
+        out[key] = {"bits": bits, "group_size": group_size}
+    return out
+
+
+def module_settings(q: dict, name: str) -> dict | None:
+    """The bits, group size and symmetry linear `name` (as on disk) is stored with, read as GPTQModel and vLLM
+    read `dynamic`: the first key that matches the start of the name wins, "-:" keys (left in float:
+    None) before the others."""
+    dynamic = q.get("dynamic") or {}
+    keys = sorted(dynamic, key=lambda k: not k.startswith("-:"))
+    for key in keys:
+        if re.match(key.removeprefix("-:").removeprefix("+:"), name):
+            if key.startswith("-:"):
+                return None
+            return {"bits": q["bits"], "group_size": q["group_size"], "sym": q["sym"], **dynamic[key]}
+    return {"bits": q["bits"], "group_size": q["group_size"], "sym": q["sym"]}
 
 
 def awq_config(group_size: int, sym: bool, method: str = "awq", skipped: list[str] = (), **meta) -> dict:
@@ -111,7 +145,8 @@ class HFSink:
         plan = {self.rename(n): Planned(t.dtype, t.shape) for n, t in state.items() if n not in packed}
         for name in linears:
             out_f, in_f = state[f"{name}.weight"].shape
-            for field, shape in _expected_shapes(in_f, out_f, q["bits"], q["group_size"], q["quant_method"]).items():
+            own = module_settings(q, self.rename(name)) or q
+            for field, shape in _expected_shapes(in_f, out_f, own["bits"], own["group_size"], q["quant_method"]).items():
                 plan[self.rename(f"{name}.{field}")] = Planned(FIELD_DTYPES[field], shape)
         self.writer = ShardedWriter(self.directory, plan, max_shard_size)
 
@@ -181,7 +216,29 @@ def read_quantization_config(path: Path) -> dict:
             or not (group == -1 or group > 0)):
         raise UserError(f"{path}: unsupported {method} quantization_config bits={bits} group_size={group}")
     sym = q.get("sym", q.get("meta", {}).get("sym", False)) if method == "awq" else q.get("sym", True)
+    _check_dynamic(path, q.get("dynamic"), method)
     return {**q, "bits": bits, "group_size": group, "sym": sym, "checkpoint_format": q.get("checkpoint_format", "gptq")}
+
+
+def _check_dynamic(path: Path, dynamic, method: str) -> None:
+    """Per-module overrides a reader can act on: compilable patterns, and bits and group sizes it stores."""
+    if dynamic is None:
+        return
+    if not isinstance(dynamic, dict) or not all(isinstance(v, dict) for v in dynamic.values()):
+        raise UserError(f"{path}: quantization_config.dynamic must map patterns to settings")
+    for key, value in dynamic.items():
+        try:
+            re.compile(key.removeprefix("-:").removeprefix("+:"))
+        except re.error as err:
+            raise UserError(f"{path}: quantization_config.dynamic key {key!r} is not a pattern: {err}") from None
+        if key.startswith("-:"):
+            continue
+        bits, group = value.get("bits"), value.get("group_size")
+        if method == "awq" and value:
+            raise UserError(f"{path}: per-module settings in an awq checkpoint ({key}) are not readable here")
+        if bits is not None and bits not in SUPPORTED_BITS or group is not None and not (
+                isinstance(group, int) and (group == -1 or group > 0)):
+            raise UserError(f"{path}: quantization_config.dynamic gives {key} bits={bits} group_size={group}")
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -212,6 +269,12 @@ def _expected_shapes(in_f: int, out_f: int, bits: int, group_size: int,
                 "scales": (groups, out_f)}
     return {"qweight": (in_f * bits // 32, out_f), "qzeros": (groups, out_f * bits // 32),
             "scales": (groups, out_f), "g_idx": (in_f,)}
+
+
+def packed_bytes(in_f: int, out_f: int, bits: int, group_size: int, method: str = "gptq") -> int:
+    """The bytes a packed linear takes on disk (its bias aside)."""
+    return sum(math.prod(shape) * FIELD_DTYPES[field].itemsize
+               for field, shape in _expected_shapes(in_f, out_f, bits, group_size, method).items())
 
 
 def _zero_offset(q: dict) -> int:
@@ -247,7 +310,10 @@ def load_quantized(path: Path, device: str | torch.device = "cpu") -> torch.nn.M
             linear = model.get_submodule(name)
         except AttributeError:
             raise UserError(f"{path}: packed tensor '{name}.qweight' names no module of this model") from None
-        expected = _expected_shapes(linear.in_features, linear.out_features, q["bits"], q["group_size"], method)
+        own = module_settings(q, disk_name[f"{name}.qweight"].removesuffix(".qweight"))
+        if own is None:
+            raise UserError(f"{path}: '{name}' is packed, but quantization_config.dynamic leaves it in float")
+        expected = _expected_shapes(linear.in_features, linear.out_features, own["bits"], own["group_size"], method)
         for field, shape in expected.items():
             found = headers[f"{name}.{field}"].shape if f"{name}.{field}" in headers else None
             if found != shape:
@@ -256,8 +322,8 @@ def load_quantized(path: Path, device: str | torch.device = "cpu") -> torch.nn.M
             raise UserError(f"{path}: '{name}' has {linear.in_features} inputs; the gptq-layout QuantLinear "
                             f"that holds awq weights needs a multiple of 8")
         with torch.device("meta"):
-            layer = QuantLinear(linear.in_features, linear.out_features, q["bits"], q["group_size"],
-                                q["sym"], linear.bias is not None, linear.weight.dtype, _zero_offset(q))
+            layer = QuantLinear(linear.in_features, linear.out_features, own["bits"], own["group_size"],
+                                own["sym"], linear.bias is not None, linear.weight.dtype, _zero_offset(q))
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
     # awq tensors are repacked into QuantLinear's gptq buffers; their shapes were checked above
@@ -317,8 +383,8 @@ def describe(path: Path) -> dict:
     files = weight_files(path)
     headers = tensor_headers(files)
     quant_bytes = weights = 0
-    shapes = set()
-    for name in {n.rsplit(".", 1)[0] for n in headers if n.endswith(".qweight")}:
+    shapes, settings = set(), {}
+    for name in sorted({n.rsplit(".", 1)[0] for n in headers if n.endswith(".qweight")}):
         fields = [headers.get(f"{name}.{field}") for field in PACKED[method]]
         if None in fields:
             missing = PACKED[method][fields.index(None)]
@@ -326,12 +392,15 @@ def describe(path: Path) -> dict:
         quant_bytes += sum(math.prod(t.shape) * (2 if t.dtype in ("F16", "BF16") else 4) for t in fields)
         in_f = fields[0].shape[0] if method == "awq" else fields[3].shape[0]
         out_f = fields[2].shape[1] if len(fields[2].shape) == 2 else 0
-        for field, shape in _expected_shapes(in_f, out_f, q["bits"], q["group_size"], method).items():
+        own = module_settings(q, name) or q
+        for field, shape in _expected_shapes(in_f, out_f, own["bits"], own["group_size"], method).items():
             if headers[f"{name}.{field}"].shape != shape:  # what `load` would refuse, inspect refuses too
                 raise UserError(f"{path}: '{name}.{field}' has shape {list(headers[f'{name}.{field}'].shape)}, "
-                                f"but quantization_config ({q['bits']} bits, group {q['group_size']}) gives "
+                                f"but quantization_config ({own['bits']} bits, group {own['group_size']}) gives "
                                 f"{list(shape)}")
         weights += in_f * out_f
+        settings[name] = {"bits": own["bits"], "group_size": own["group_size"],
+                          "bytes": packed_bytes(in_f, out_f, own["bits"], own["group_size"], method)}
         shapes.add((in_f, out_f))
     packed = {f"{n.rsplit('.', 1)[0]}.{field}" for n in headers if n.endswith(".qweight") for field in PACKED[method]}
     params = weights + sum(math.prod(t.shape) for n, t in headers.items() if n not in packed)
@@ -345,4 +414,24 @@ def describe(path: Path) -> dict:
         "bpw": 8 * quant_bytes / weights if weights else None, "parameters": params,
         "bits_per_parameter": 8 * size / params if params else None, "meta": q.get("meta", {}),
         "serving": [r.to_dict() for r in runtimes(q, sorted(shapes))],
+        "mixed": len({(v["bits"], v["group_size"]) for v in settings.values()}) > 1,
+        "layers": _with_costs(path, settings),
     }
+
+
+def _with_costs(path: Path, settings: dict[str, dict]) -> dict[str, dict]:
+    """Per packed linear: its settings, and from quant_report.json (when the run allocated bits) the predicted
+    cost of its setting and the solver's estimate of the cost of what it wrote (numerics/kld.py)."""
+    try:
+        report = json.loads((Path(path) / "quant_report.json").read_text())
+    except (OSError, ValueError):
+        return settings
+    if not isinstance(report, dict):
+        return settings
+    solved, allocated = report.get("linears") or {}, (report.get("allocation") or {}).get("linears") or {}
+    for name, layer in settings.items():
+        for source, key in ((allocated, "predicted_kld"), (solved, "kld_estimate")):
+            value = source.get(name, {}).get(key) if isinstance(source.get(name), dict) else None
+            if isinstance(value, (int, float)):
+                layer[key] = value
+    return settings

@@ -4,8 +4,11 @@ the pipeline hands each finished block to (`open`). Adding a format is one class
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import torch
 
 from ..errors import UserError
 
@@ -19,6 +22,8 @@ class Plan:
     grid: object | None = None  # a solver onto the format's own grid (GGUF block types); None: the integer grid
     types: dict = field(default_factory=dict)  # GGUF: tensor name -> block type
     names: dict = field(default_factory=dict)  # GGUF: HF tensor name -> GGUF name
+    overrides: dict = field(default_factory=dict)  # integer grid: linear -> its own QuantSpec (mixed precision)
+    allocation: object | None = None  # allocation.Allocation behind the overrides or types (--target-bpw)
 
 
 def packable(in_features: int, out_features: int, bits: int, layout: str = "gptq", group_size: int = -1) -> bool:
@@ -36,9 +41,13 @@ def _block_linears(checkpoint) -> list[tuple[str, tuple[int, ...]]]:
 
 
 class IntegerLayout:
-    """Packed safetensors checkpoints: the gptq layout (any of 2/3/4/8 bits, g_idx) or AWQ's GEMM layout."""
+    """Packed safetensors checkpoints: the gptq layout (any of 2/3/4/8 bits, g_idx) or AWQ's GEMM layout.
+    Mixed precision (gptq layout): every linear may take bits in MIXED_BITS and a group in MIXED_GROUPS; the
+    linears a runtime fuses (q/k/v, gate/up) take one setting together."""
 
     single_file = False
+    MIXED_BITS = (2, 3, 4, 8)
+    MIXED_GROUPS = (32, 64, 128)
 
     def __init__(self, name: str):
         self.name = name
@@ -57,10 +66,60 @@ class IntegerLayout:
 
     def plan(self, checkpoint, config) -> Plan:
         spec, plan = config.spec(), Plan([])
+        bits = self.MIXED_BITS if config.target_bpw is not None else (spec.bits,)
         for name, (out_f, in_f) in _block_linears(checkpoint):
-            fits = packable(in_f, out_f, spec.bits, self.name, spec.group_size)
+            fits = any(packable(in_f, out_f, b, self.name, spec.group_size) for b in bits)
             (plan.targets if fits else plan.skipped).append(name)
         return plan
+
+    # ------------------------------------------------------------------ mixed precision (see allocation.py)
+
+    def units(self, checkpoint, plan: Plan) -> list[tuple[str, ...]]:
+        """The linears that take one setting: each sequential group (q/k/v, gate/up: what vLLM fuses)."""
+        adapter, targets = checkpoint.adapter, set(plan.targets)
+        return [unit for i in range(len(adapter.blocks(checkpoint.model)))
+                for group in adapter.for_block(i).sequential
+                if (unit := tuple(adapter.block_prefix(i) + n for n in group if adapter.block_prefix(i) + n in targets))]
+
+    def choices(self, config, weight, H, F) -> list:
+        """Each (bits, group size) the layout can pack this weight with: its bytes, and the predicted cost of
+        the grid's rounding error (a range search weighted by the input's second moment, as GPTQ's)."""
+        from ..allocation import Choice
+        from ..numerics.kld import cost
+        from .hf import packed_bytes
+
+        out_f, in_f = weight.shape
+        return [Choice((bits, group), packed_bytes(in_f, out_f, bits, group, self.name),
+                       cost(weight - self.rounded(config, weight, (bits, group), torch.diagonal(H)), H, F))
+                for bits in self.MIXED_BITS for group in self.MIXED_GROUPS
+                if packable(in_f, out_f, bits, self.name, group)]
+
+    @staticmethod
+    def rounded(config, weight, setting, importance):
+        """The weight as the grid of `setting` rounds it, without calibration beyond `importance` (per input)."""
+        from ..numerics.grid import fit, quantize
+
+        spec = replace(config.spec(), bits=setting[0], group_size=setting[1])
+        return quantize(weight, *fit(weight, spec, importance), spec).dequantize()
+
+    def budget(self, config, units) -> tuple[int, float]:
+        """(bytes the linears may take at --target-bpw, bits per weight per byte)."""
+        weights = sum(u.weights for u in units)
+        return int(config.target_bpw * weights / 8), 8 / weights
+
+    @staticmethod
+    def describe(setting) -> str:
+        return f"W{setting[0]} g{setting[1]}"
+
+    def apply(self, config, plan: Plan, allocation):
+        """(config with the most common setting as the file's own, plan with every other linear's override)."""
+        settings = allocation.settings()
+        counts = Counter(settings.values())
+        bits, group = max(counts, key=lambda s: (counts[s], s))
+        config = replace(config, bits=bits, group_size=group)
+        overrides = {n: replace(config.spec(), bits=b, group_size=g) for n, (b, g) in settings.items()
+                     if (b, g) != (bits, group)}
+        return config, replace(plan, overrides=overrides, allocation=allocation)
 
     def open(self, tmp: Path, checkpoint, config, plan: Plan, tokenizer, source: str):
         from .hf import HFSink, awq_config, gptq_config
@@ -77,11 +136,16 @@ class IntegerLayout:
                            source=source, **meta)
         else:
             act_order, static_groups = config.gptq_order()
+            mixed = {}
+            if plan.allocation is not None:
+                mixed = {tuple(adapter.to_disk(n) for n in unit): choice.setting
+                         for unit, choice in plan.allocation.chosen.items() if unit[0] in plan.overrides}
+                meta["target_bpw"] = config.target_bpw
             q = gptq_config(spec.bits, spec.group_size, spec.sym, desc_act=act_order and not static_groups,
                             method=config.method, skipped=skipped, clip=spec.clip, source=source,
                             damp_percent=config.damp, static_groups=static_groups, block_linears=in_block,
                             blocks=len(adapter.blocks(checkpoint.model)),
-                            checkpoint_format=config.checkpoint_format, **meta)
+                            checkpoint_format=config.checkpoint_format, mixed=mixed, **meta)
         return HFSink(tmp, checkpoint.state_shapes(), plan.targets, q, checkpoint.model.config.to_dict(),
                       checkpoint.path, checkpoint.read, rename=adapter.to_disk)
 
@@ -132,6 +196,52 @@ class GGUFFile:
         linear_types = {name: types[names[name + ".weight"]] for name in linears}
         grid = BlockSolver(linear_types, GGUF_MODE[config.method], config.damp, config.float_targets)
         return Plan(linears, grid=grid, types=types, names=names)
+
+    # ------------------------------------------------------------------ mixed precision (see allocation.py)
+
+    def units(self, checkpoint, plan: Plan) -> list[tuple[str, ...]]:
+        """The linears that take one type: those stored in one GGUF tensor (a layer's experts), else each alone."""
+        units: dict[str, list[str]] = {}
+        for name in plan.targets:
+            units.setdefault(plan.names[name + ".weight"], []).append(name)
+        return [tuple(names) for names in units.values()]
+
+    def choices(self, config, weight, H, F) -> list:
+        """Each block type llama-quantize can place on this weight (K-types need rows of whole 256-wide
+        super-blocks): its bytes, and the predicted cost of its encoding weighted by the input's second moment
+        (the imatrix)."""
+        from gguf import GGML_QUANT_SIZES
+
+        from ..allocation import Choice
+        from ..numerics.kld import cost
+        from .gguf.mixes import MIXED_TYPES
+
+        out_f, in_f = weight.shape
+        return [Choice(kind, out_f * in_f // GGML_QUANT_SIZES[kind][0] * GGML_QUANT_SIZES[kind][1],
+                       cost(weight - self.rounded(config, weight, kind, torch.diagonal(H)), H, F))
+                for kind in MIXED_TYPES if in_f % GGML_QUANT_SIZES[kind][0] == 0]
+
+    @staticmethod
+    def rounded(config, weight, kind, importance):
+        """The weight as block type `kind` encodes it, weighted by `importance` (per input: an imatrix)."""
+        from ..numerics.ggml import CODECS, BlockTensor
+
+        return BlockTensor(kind, CODECS[kind.name].quantize(weight, importance), weight.shape[1]).dequantize()
+
+    budget = IntegerLayout.budget
+
+    @staticmethod
+    def describe(kind) -> str:
+        return kind.name
+
+    def apply(self, config, plan: Plan, allocation):
+        """(config, plan with the allocated type of every linear's tensor; the others keep the mix's)."""
+        from ..quant.ggml_solver import BlockSolver
+
+        settings = allocation.settings()
+        types = {**plan.types, **{plan.names[n + ".weight"]: kind for n, kind in settings.items()}}
+        grid = BlockSolver(settings, GGUF_MODE[config.method], config.damp, config.float_targets, allocation.fisher)
+        return config, replace(plan, types=types, grid=grid, allocation=allocation)
 
     def open(self, tmp: Path, checkpoint, config, plan: Plan, tokenizer, source: str):
         from .gguf.mixes import MIXES

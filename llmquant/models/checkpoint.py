@@ -193,6 +193,11 @@ def _reason(err: Exception) -> str:
     return lines[-1] if lines[0].endswith(":") else lines[0]
 
 
+def prefix_of(model: nn.Module, module: nn.Module) -> str:
+    """`module`'s full name in `model`, with the trailing dot its parameters' names take."""
+    return next(name for name, m in model.named_modules() if m is module) + "."
+
+
 def _set(module: nn.Module, name: str, param: nn.Parameter) -> None:
     owner, _, leaf = name.rpartition(".")
     setattr(module.get_submodule(owner) if owner else module, leaf, param)

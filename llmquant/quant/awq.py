@@ -268,12 +268,14 @@ class AWQSolver:
 
     def __init__(self, inner, spec: QuantSpec, scaling_pairs, targets: set[str] | None = None,
                  n_grid: int = 20, duo_scaling: bool = True, clip: bool = True, max_tokens: int = 64 * 512,
-                 judge: str = "rtn", judge_rows: int = 1024, judge_tokens: int = 4096):
+                 judge: str = "rtn", judge_rows: int = 1024, judge_tokens: int = 4096,
+                 overrides: dict[str, QuantSpec] | None = None):
         if not scaling_pairs:
             raise ValueError("AWQ needs the architecture's scaling pairs (previous op -> linears)")
         # the pairs of every block, or a function of a block's name prefix (blocks of different layouts)
         self.pairs_at = scaling_pairs if callable(scaling_pairs) else lambda prefix: scaling_pairs
         self.inner, self.spec, self.targets = inner, spec, targets
+        self.overrides = overrides or {}  # linear -> its own spec; a pair's readers share one (formats fuse them)
         self.float_targets = getattr(inner, "float_targets", False)
         self.tunes_blocks = getattr(inner, "tunes_blocks", False)
         self.n_grid, self.duo_scaling, self.clip, self.max_tokens = n_grid, duo_scaling, clip, max_tokens
@@ -284,15 +286,21 @@ class AWQSolver:
         self.report: dict[str, dict] = {}
         self._search: dict[str, dict] = {}  # per linear, until quantize merges it into report
 
-    def _inner_error(self, weight: torch.Tensor, s: torch.Tensor, gram: torch.Tensor) -> float:
+    def _inner_error(self, name: str) -> ScaledError:
         """The inner solver's error on W diag(s), whose inputs x / s have Gram matrix gram / (s s^T)."""
-        rows = weight[::math.ceil(weight.shape[0] / self.judge_rows)]
-        return self.inner.output_error(rows * s, gram / (s[:, None] * s[None, :]))
+        def error(weight: torch.Tensor, s: torch.Tensor, gram: torch.Tensor) -> float:
+            rows = weight[::math.ceil(weight.shape[0] / self.judge_rows)]
+            return self.inner.output_error(rows * s, gram / (s[:, None] * s[None, :]), name)
+        return error
 
-    def _error(self, block: nn.Module, names: list[str], block_judge: BlockJudge | None) -> ScaledError:
+    def _error(self, block: nn.Module, prefix: str, names: list[str], block_judge: BlockJudge | None) -> ScaledError:
+        spec = self._spec(prefix + names[0])
         if self.judge == "block":
-            return block_judge.error([block.get_submodule(n) for n in names], self.spec)
-        return self._inner_error if self.judge == "inner" else rtn_error(self.spec)
+            return block_judge.error([block.get_submodule(n) for n in names], spec)
+        return self._inner_error(prefix + names[0]) if self.judge == "inner" else rtn_error(spec)
+
+    def _spec(self, name: str) -> QuantSpec:
+        return self.overrides.get(name, self.spec)
 
     def _quantized(self, full_name: str) -> bool:
         return self.targets is None or full_name in self.targets
@@ -323,8 +331,9 @@ class AWQSolver:
             entry = {"awq_pair": previous, "awq_tokens": st.tokens, "awq_judge": self.judge}
             if st.tokens and can_fold(block.get_submodule(previous), gram.shape[0], fold):
                 weight = torch.cat([block.get_submodule(n).weight for n in quantized])
-                best = search_scale(weight, gram, st.mean_abs, self.spec, self.n_grid, self.duo_scaling,
-                                    self._error(block, quantized, block_judge), self.patience)
+                best = search_scale(weight, gram, st.mean_abs, self._spec(prefix + quantized[0]), self.n_grid,
+                                    self.duo_scaling, self._error(block, prefix, quantized, block_judge),
+                                    self.patience)
                 fold_scales(block, previous, list(names), best["scales"], fold)
                 chosen[previous] = (best["scales"], gram)
                 entry.update(awq_scaled=True, awq_alpha=best["alpha"], awq_error=best["error"],
@@ -342,7 +351,7 @@ class AWQSolver:
                 if not self.clip or n in NO_CLIP or not self._quantized(prefix + n):
                     continue
                 linear = block.get_submodule(n)
-                clamped, shrink = search_clip(linear.weight, gram, self.spec, self.n_grid)
+                clamped, shrink = search_clip(linear.weight, gram, self._spec(prefix + n), self.n_grid)
                 linear.weight.copy_(clamped)
                 self._search[prefix + n]["awq_clip_mean"] = float(shrink.mean())
         seconds = time.perf_counter() - start

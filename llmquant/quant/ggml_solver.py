@@ -16,6 +16,7 @@ import torch
 from gguf import GGMLQuantizationType
 from torch import nn
 
+from ..numerics.kld import solved_cost
 from ..numerics.ggml import FLOAT, CODECS, BlockFormat, BlockTensor
 from .ggml_affine import affine, level_bits
 from .gptq import Hessian, HessianNotPositiveDefinite, _inverse_cholesky, _one_thread, prepare
@@ -80,8 +81,8 @@ class BlockSolver:
     """Encodes each linear in its block type (`types`: full linear name -> type) in one of MODES."""
 
     def __init__(self, types: dict[str, GGMLQuantizationType], mode: str = "reference", damp: float = 0.01,
-                 float_targets: bool = False):
-        self.types, self.mode, self.damp = types, mode, damp
+                 float_targets: bool = False, fisher: dict | None = None):
+        self.types, self.mode, self.damp, self.fisher = types, mode, damp, fisher
         self.calibrated = mode != "reference"
         self.float_targets = float_targets and mode == "gptq"
         self.report: dict[str, dict] = {}
@@ -112,5 +113,7 @@ class BlockSolver:
                 importance = torch.diag(observer.H)
             data = fmt.quantize(linear.weight.float(), importance)
         entry["seconds"] = time.perf_counter() - start
+        result = BlockTensor(kind, data, linear.in_features)
+        entry.update(solved_cost(name, linear.weight, result, observer, self.fisher))
         self.report[name] = entry
-        return BlockTensor(kind, data, linear.in_features)
+        return result

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..numerics.grid import QuantizedWeight, QuantSpec, fit, fit_groups
+from ..numerics.kld import solved_cost
 from .rtn import rtn
 from .tune import TuneSpec, tune_block
 
@@ -239,8 +240,11 @@ class GPTQSolver:
 
     def __init__(self, spec: QuantSpec, block_size: int = 128, damp: float = 0.01, act_order: bool = False,
                  static_groups: bool = False, float_targets: bool = False, refit: bool = False,
-                 tune: TuneSpec = TuneSpec(), seed: int = 0):
+                 tune: TuneSpec = TuneSpec(), seed: int = 0, overrides: dict[str, QuantSpec] | None = None,
+                 fisher: dict | None = None):
         self.spec, self.block_size, self.damp = spec, block_size, damp
+        self.overrides = overrides or {}  # linear -> its own spec (mixed precision)
+        self.fisher = fisher  # linear -> F of its outputs (sensitivity.py): the report gives each result's cost
         self.act_order, self.static_groups = act_order, static_groups
         self.float_targets, self.refit = float_targets, refit
         self.tune, self.seed, self.tunes_blocks = tune, seed, tune.iters > 0
@@ -250,22 +254,24 @@ class GPTQSolver:
     def observer(self, names, linears) -> Hessian:
         return Hessian(linears[0].in_features, linears[0].weight.device, cross=self.float_targets)
 
-    def output_error(self, weight: torch.Tensor, gram: torch.Tensor) -> float:
+    def output_error(self, weight: torch.Tensor, gram: torch.Tensor, name: str = "") -> float:
         """E||(W - Q) x||^2 this solver's Q leaves for inputs with Gram matrix `gram` = E[x x^T] (GPTQ's loss on
-        H = 2 gram); infinite where GPTQ cannot run. How AWQ judges scales for GPTQ (see AWQSolver)."""
+        H = 2 gram) on the grid of linear `name`; infinite where GPTQ cannot run. How AWQ judges scales for GPTQ
+        (see AWQSolver)."""
         try:
-            return gptq(weight, 2 * gram, self.spec, self.block_size, self.damp, act_order=self.act_order,
+            return gptq(weight, 2 * gram, self.overrides.get(name, self.spec), self.block_size, self.damp, act_order=self.act_order,
                         static_groups=self.static_groups, refit=self.refit).loss
         except HessianNotPositiveDefinite:
             return math.inf
 
     def quantize(self, name: str, linear, observer: Hessian) -> QuantizedWeight:
         start = time.perf_counter()
+        spec = self.overrides.get(name, self.spec)
         entry: dict = {"tokens": observer.n}
         reason = None if observer.n else "saw no calibration tokens"
         if reason is None:
             try:
-                result = gptq(linear.weight, observer.H, self.spec, self.block_size, self.damp,
+                result = gptq(linear.weight, observer.H, spec, self.block_size, self.damp,
                               act_order=self.act_order, static_groups=self.static_groups, C=observer.C,
                               refit=self.refit)
                 qw = result.weight
@@ -276,9 +282,10 @@ class GPTQSolver:
                 reason = str(err)
         if reason is not None:
             warnings.warn(f"{name}: {reason}; quantized with RTN instead")
-            qw = rtn(linear.weight, self.spec)
+            qw = rtn(linear.weight, spec)
             entry["fallback"] = f"rtn: {reason}"
         entry["seconds"] = time.perf_counter() - start
+        entry.update(solved_cost(name, linear.weight, qw, observer, self.fisher))
         self.report[name] = entry
         return qw
 

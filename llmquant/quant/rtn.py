@@ -17,12 +17,12 @@ class RTNSolver:
 
     calibrated = False
 
-    def __init__(self, spec: QuantSpec):
-        self.spec = spec
+    def __init__(self, spec: QuantSpec, overrides: dict[str, QuantSpec] | None = None):
+        self.spec, self.overrides = spec, overrides or {}  # overrides: linear -> its own spec
         self.report: dict[str, dict] = {}
 
     def observer(self, names, linears):
         raise NotImplementedError("RTN observes nothing")
 
     def quantize(self, name, linear, observer) -> QuantizedWeight:
-        return rtn(linear.weight, self.spec)
+        return rtn(linear.weight, self.overrides.get(name, self.spec))

@@ -43,6 +43,9 @@ MIXES: dict[str, tuple[F, T]] = {
 # a K-type row must be whole super-blocks of 256; otherwise llama.cpp takes this 32-wide type
 _FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
 
+# what --target-bpw chooses among for a linear's tensor, as llama-quantize places them (rows permitting)
+MIXED_TYPES = (T.Q2_K, T.Q3_K, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q8_0)
+
 QUANTIZABLE = {t.name: t for t in (T.F32, T.F16, T.BF16, T.Q8_0, T.Q6_K, T.Q5_K, T.Q5_1, T.Q5_0, T.Q4_K,
                                    T.Q4_1, T.Q4_0, T.Q3_K, T.Q2_K)}
 
