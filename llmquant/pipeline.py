@@ -42,7 +42,8 @@ def quantize(model: str | Path, config: QuantConfig, out: str | Path, force: boo
         raise UserError("--resume needs the --work-dir of the run to continue")
     out = Path(out)
     check_paths(model, out, work_dir)
-    check_destination(out, force, directory=not fmt.single_file)
+    if not dry_run_allocation:  # a dry run writes nothing: whatever is at `out` does not matter
+        check_destination(out, force, directory=not fmt.single_file)
     start = time.perf_counter()
     checkpoint = Checkpoint(model)
     adapter = checkpoint.adapter

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 from .errors import UserError
@@ -114,7 +115,15 @@ def settings_of(path: Path) -> dict:
             "size_bytes": info["size_bytes"], "source": meta.get("source"), "calibration": meta.get("calibration"),
             "command": meta.get("command"), "version": (meta.get("quantizer") or [None])[0],
             "bits_per_parameter": info["bits_per_parameter"], "files": [f.name for f in weight_files(path)],
-            "serving": info["serving"]}
+            "serving": info["serving"], "mixed": _mixed_summary(info), "target_bpw": meta.get("target_bpw")}
+
+
+def _mixed_summary(info: dict) -> str | None:
+    """'W3 g128 x74, W4 g128 x17, ...': the per-layer settings of a mixed-precision checkpoint; None if uniform."""
+    if not info.get("mixed"):
+        return None
+    counts = Counter(f"W{v['bits']} g{v['group_size']}" for v in info["layers"].values())
+    return ", ".join(f"{k} x{n}" for k, n in counts.most_common())
 
 
 def model_card(path: Path, repo_id: str | None = None, license: str | None = None, base_model: str | None = None,
@@ -129,7 +138,8 @@ def model_card(path: Path, repo_id: str | None = None, license: str | None = Non
         (DEMO_LICENSE if s["source"] == "demo" else None)
     gguf = s["format"] == "gguf"
     tags = ["llmquant", s["format"]] + ([s["method"]] if s["method"] else []) + \
-        ([f"{s['bits']}-bit"] if not gguf else s["mix"].split(", "))
+        ([] if gguf or s.get("mixed") else [f"{s['bits']}-bit"]) + (["mixed-precision"] if s.get("mixed") else []) + \
+        (s["mix"].split(", ") if gguf else [])
     tags = list(dict.fromkeys(tags))  # gptq is both a format and a method
     data = ModelCardData(base_model=base, base_model_relation="quantized" if base else None,
                          library_name="gguf" if gguf else "transformers", pipeline_tag="text-generation",
@@ -140,7 +150,8 @@ def model_card(path: Path, repo_id: str | None = None, license: str | None = Non
             f"{f'[{base}](https://huggingface.co/{base})' if base else 'its base model'}, quantized by "
             f"llmquant {__version__}.", "", "| setting | value |", "|---|---|"]
     rows = {"format": s["format"], "checkpoint format": s.get("checkpoint_format"), "method": s["method"],
-            "bits": s.get("bits"), "group size": s.get("group_size"),
+            "bits": None if s.get("mixed") else s.get("bits"), "group size": None if s.get("mixed") else s.get("group_size"),
+            "mixed precision": f"{s['mixed']} (target {s['target_bpw']} bits per weight)" if s.get("mixed") else None,
             "symmetric": s.get("sym"), "act-order": _act_order(s), "GGUF mix": s.get("mix"),
             "calibration": s.get("calibration"), "size": f"{s['size_bytes'] / 2**20:.1f} MiB",
             "bits per quantized weight": f"{s['bpw']:.3f}" if s["bpw"] else None,
@@ -211,6 +222,11 @@ def _snippets(repo: str, s: dict) -> list[str]:
         return ["llama.cpp:", "", "```bash", f"llama-cli -hf {repo} --hf-file {name} -p \"Hello\"", "```", "",
                 "Ollama:", "", "```bash", f"ollama run hf.co/{repo}:{mix}", "```"]
     serving = {r["name"]: r for r in s["serving"]}
+    if s.get("mixed"):  # per-layer settings: transformers ignores them, GPTQModel reads them
+        return ["GPTQModel (reads the per-layer settings in `dynamic`; transformers does not, and refuses the "
+                "checkpoint):", "", "```python", "from gptqmodel import GPTQModel", "",
+                f"model = GPTQModel.load(\"{repo}\")", "```", "", "llmquant:", "", "```python", "import llmquant", "",
+                f"model, tokenizer = llmquant.load_any(\"{repo}\")", "```"]
     torch_backend = s["format"] == "gptq" and 'backend="torch"' in next(
         r["how"] for n, r in serving.items() if n.startswith("transformers"))
     torch_kernel = f", quantization_config=GPTQConfig(bits={s['bits']}, backend=\"torch\")" if torch_backend else ""

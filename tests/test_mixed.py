@@ -20,7 +20,7 @@ from llmquant.numerics.grid import QuantSpec, fit, quantize
 from llmquant.numerics.kld import cost
 from llmquant.sensitivity import measure
 from llmquant.serving import runtimes
-from tiny import make_tiny_model, sample_text
+from tiny import make_tiny_model
 
 
 # ------------------------------------------------------------------------------------------- allocation
@@ -190,15 +190,8 @@ def test_uniform_checkpoints_keep_their_runtimes():
 
 # ------------------------------------------------------------------------------------------- the run
 
-@pytest.fixture(scope="module")
-def calib_text(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(sample_text(6000, seed=5))
-    return path
-
-
-def test_target_bpw_run_meets_its_budget_and_loads(tiny, calib_text, tmp_path, capsys):
-    config = QuantConfig(method="gptq", target_bpw=3.25, calib=str(calib_text), n_samples=8, seqlen=64)
+def test_target_bpw_run_meets_its_budget_and_loads(tiny, calib, tmp_path, capsys):
+    config = QuantConfig(method="gptq", target_bpw=3.25, calib=str(calib), n_samples=8, seqlen=64)
     report = llmquant.quantize(tiny, config, tmp_path / "q", progress=False)
     info = hf.describe(tmp_path / "q")
     assert info["mixed"] and report.bpw == pytest.approx(info["bpw"]) and info["bpw"] <= 3.25
@@ -217,6 +210,9 @@ def test_target_bpw_run_meets_its_budget_and_loads(tiny, calib_text, tmp_path, c
         assert f"W{layer['bits']} g{layer['group_size']}" == record["linears"][name]["setting"]
     from llmquant.cli import main
 
+    card = (tmp_path / "q" / "README.md").read_text()  # the card says what it is and who loads it
+    assert "mixed-precision" in card and "target 3.25 bits per weight" in card and "GPTQModel.load(" in card
+    assert "AutoModelForCausalLM" not in card
     main(["inspect", str(tmp_path / "q"), "--layers"])
     out = capsys.readouterr().out
     assert "mixed precision (per-layer settings in `dynamic`)" in out and "transformers" in out
@@ -232,10 +228,10 @@ def test_target_bpw_run_meets_its_budget_and_loads(tiny, calib_text, tmp_path, c
         assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-4)
 
 
-def test_dry_run_allocation_prints_the_plan_and_writes_nothing(tiny, calib_text, tmp_path, capsys):
+def test_dry_run_allocation_prints_the_plan_and_writes_nothing(tiny, calib, tmp_path, capsys):
     from llmquant.cli import main
 
-    code = main(["quantize", str(tiny), "--target-bpw", "4", "--calib", str(calib_text), "--n-samples", "4",
+    code = main(["quantize", str(tiny), "--target-bpw", "4", "--calib", str(calib), "--n-samples", "4",
                  "--seqlen", "32", "--dry-run-allocation", "--out", str(tmp_path / "q")])
     out, err = capsys.readouterr()
     assert code in (0, None) and not (tmp_path / "q").exists()
@@ -248,10 +244,10 @@ def test_dry_run_allocation_prints_the_plan_and_writes_nothing(tiny, calib_text,
     (["--target-bpw", "4", "--format", "awq"], "awq (GEMM)"),
     (["--dry-run-allocation"], "--dry-run-allocation prints the plan of --target-bpw"),
 ])
-def test_bad_budgets_are_one_line(tiny, calib_text, tmp_path, capsys, argv, needle):
+def test_bad_budgets_are_one_line(tiny, calib, tmp_path, capsys, argv, needle):
     from llmquant.cli import main
 
-    code = main(["quantize", str(tiny), "--calib", str(calib_text), "--n-samples", "4", "--seqlen", "32", *argv,
+    code = main(["quantize", str(tiny), "--calib", str(calib), "--n-samples", "4", "--seqlen", "32", *argv,
                  "--out", str(tmp_path / "q")])
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("llmquant: error:")]

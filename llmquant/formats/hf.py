@@ -82,14 +82,11 @@ def module_settings(q: dict, name: str) -> dict | None:
     """The bits, group size and symmetry linear `name` (as on disk) is stored with, read as GPTQModel and vLLM
     read `dynamic`: the first key that matches the start of the name wins, "-:" keys (left in float:
     None) before the others."""
-    dynamic = q.get("dynamic") or {}
-    keys = sorted(dynamic, key=lambda k: not k.startswith("-:"))
-    for key in keys:
+    dynamic, base = q.get("dynamic") or {}, {"bits": q["bits"], "group_size": q["group_size"], "sym": q.get("sym")}
+    for key in sorted(dynamic, key=lambda k: not k.startswith("-:")):
         if re.match(key.removeprefix("-:").removeprefix("+:"), name):
-            if key.startswith("-:"):
-                return None
-            return {"bits": q["bits"], "group_size": q["group_size"], "sym": q["sym"], **dynamic[key]}
-    return {"bits": q["bits"], "group_size": q["group_size"], "sym": q["sym"]}
+            return None if key.startswith("-:") else {**base, **dynamic[key]}
+    return base
 
 
 def awq_config(group_size: int, sym: bool, method: str = "awq", skipped: list[str] = (), **meta) -> dict:
