@@ -71,7 +71,7 @@ def test_a_budget_outside_the_choices_is_one_line_with_the_range():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("mixed") / "llama", layers=3)
+    return make_tiny_model(tmp_path_factory.mktemp("mixed") / "llama", layers=3, tie=True)  # tied, as the demo
 
 
 def _kld(model, ids, name, dW) -> float:

@@ -89,6 +89,7 @@ class Checkpoint:
             raise UserError(f"{self.path}/config.json describes a model without decoder blocks")
         model.tie_weights()  # from_config leaves tied tensors apart on the meta device
         self.model = model.eval()
+        self._tied = "lm_head.weight" in model.state_dict() and "lm_head.weight" not in self.state_shapes()
         self.config.dtype = self.dtype
         self._check_shapes()
 
@@ -145,7 +146,8 @@ class Checkpoint:
 
     @property
     def tied(self) -> bool:
-        return "lm_head.weight" in self.model.state_dict() and "lm_head.weight" not in self.state_shapes()
+        """The output embedding is the input one (stored once)."""
+        return self._tied
 
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """One tensor (by its name in the model, or on disk) from its shard, in the model's dtype (or
@@ -172,9 +174,13 @@ class Checkpoint:
         return module
 
     def release(self, module: nn.Module) -> None:
-        """Drop `module`'s parameters back onto the meta device: its memory is free again."""
+        """Drop `module`'s parameters back onto the meta device: its memory is free again. Tied embeddings are
+        tied again (materializing one gave it a parameter of its own), so the skeleton's tensors stay those
+        the checkpoint stores."""
         for name, param in list(module.named_parameters(recurse=True)):
             _set(module, name, nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False))
+        if self._tied:
+            self.model.tie_weights()
 
     def tokenizer(self, trust_remote_code: bool = False):
         from transformers import AutoTokenizer
