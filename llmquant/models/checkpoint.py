@@ -90,6 +90,7 @@ class Checkpoint:
         model.tie_weights()  # from_config leaves tied tensors apart on the meta device
         self.model = model.eval()
         self._tied = "lm_head.weight" in model.state_dict() and "lm_head.weight" not in self.state_shapes()
+        self._dtypes = {name: p.dtype for name, p in model.named_parameters()}  # what release() restores
         self.config.dtype = self.dtype
         self._check_shapes()
 
@@ -174,11 +175,13 @@ class Checkpoint:
         return module
 
     def release(self, module: nn.Module) -> None:
-        """Drop `module`'s parameters back onto the meta device: its memory is free again. Tied embeddings are
-        tied again (materializing one gave it a parameter of its own), so the skeleton's tensors stay those
-        the checkpoint stores."""
+        """Drop `module`'s parameters back onto the meta device, in the dtype the skeleton had: its memory is
+        free again. Tied embeddings are tied again (materializing one gave it a parameter of its own), so the
+        skeleton's tensors stay those the checkpoint stores, whatever a pass did with them."""
+        prefix = "" if module is self.model else prefix_of(self.model, module)
         for name, param in list(module.named_parameters(recurse=True)):
-            _set(module, name, nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False))
+            dtype = self._dtypes.get(prefix + name, param.dtype)  # a pass may have computed in another dtype
+            _set(module, name, nn.Parameter(torch.empty_like(param, device="meta", dtype=dtype), requires_grad=False))
         if self._tied:
             self.model.tie_weights()
 
