@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .activations import capture_inputs
+from .errors import UserError
 from .models.checkpoint import Checkpoint, prefix_of
 
 SAMPLES = 16  # calibration samples the pass runs (x --seqlen tokens): enough for a ranking, cheap next to a solve
@@ -42,12 +43,13 @@ def _normal(value):
 
 
 def _head(checkpoint: Checkpoint, device):
-    """(logits(h) after the last block, the modules to release): the final norm, the output embedding (the
+    """(logits(h) after the last block, the norm to release): the final norm, the output embedding (the
     input one where the checkpoint stores none: tied), the family's logit scaling or soft-capping."""
     model = checkpoint.model
     norm = getattr(model.base_model, "norm", None)
     if norm is None:
-        raise NotImplementedError(f"{type(model).__name__} has no final norm at model.norm")
+        raise UserError(f"--target-bpw measures the model's output through its final norm, and "
+                        f"{type(model).__name__} has none at model.norm: not supported for this family yet")
     checkpoint.materialize(norm, prefix_of(model, norm), device, torch.float32)
     head = prefix_of(model, model.get_output_embeddings()) + "weight"
     if checkpoint.adapter.to_disk(head) not in checkpoint.index:
@@ -67,7 +69,8 @@ def measure(checkpoint: Checkpoint, samples: torch.Tensor, targets: set[str],
             price: Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], object], device="cpu", seed: int = 0,
             progress: bool = True) -> dict[str, object]:
     """price(name, weight [out, in] float32, H [in, in], F [out]) for each linear in `targets` (full names),
-    on the first SAMPLES rows of `samples`."""
+    on the first SAMPLES rows of `samples`. Holds every block's input for them (SAMPLES x seqlen x hidden
+    in the checkpoint's dtype per block) besides one block in float32."""
     model, adapter = checkpoint.model, checkpoint.adapter
     samples = samples[:SAMPLES]
     blocks = adapter.blocks(model)
