@@ -28,7 +28,7 @@ from .activations import capture_inputs
 from .errors import UserError
 from .models.checkpoint import Checkpoint, prefix_of
 
-SAMPLES = 16  # calibration samples the pass runs (x --seqlen tokens): enough for a ranking, cheap next to a solve
+SAMPLES = 8  # calibration samples the pass runs (x --seqlen tokens): enough for a ranking, cheap next to a solve
 
 
 def _normal(value):
@@ -137,14 +137,17 @@ def _backward_block(block: nn.Module, inputs: torch.Tensor, grad: torch.Tensor, 
                     names: list[str]) -> tuple[torch.Tensor, dict]:
     """(the gradient at the block's input, {linear: (sum x x^T, sum g*g per output, tokens)})."""
     stats = {n: [None, None, 0] for n in names}
-    hooks = []
+    hooks, grams = [], {}  # grams: this sample's x^T x by input tensor, which linears of a group share
 
     def record(name):
         def hook(module, args, out):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            if id(args[0]) not in grams:
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                grams[id(args[0])] = (args[0], x.T @ x, x.shape[0])  # the input kept: its id stays its own
+            _, gram, tokens = grams[id(args[0])]
             entry = stats[name]
-            entry[0] = x.T @ x if entry[0] is None else entry[0].addmm_(x.T, x)
-            entry[2] += x.shape[0]
+            entry[0] = gram.clone() if entry[0] is None else entry[0].add_(gram)
+            entry[2] += tokens
 
             def grad_hook(g):
                 g2 = g.detach().reshape(-1, g.shape[-1]).float().pow(2).sum(0)
@@ -165,6 +168,7 @@ def _backward_block(block: nn.Module, inputs: torch.Tensor, grad: torch.Tensor, 
                 out = out[0] if isinstance(out, tuple) else out
                 out.backward(grad[i:i + 1])
             grad_in[i:i + 1] = x.grad
+            grams.clear()
     finally:
         for hook in hooks:
             hook.remove()

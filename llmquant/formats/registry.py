@@ -96,11 +96,12 @@ class IntegerLayout:
 
     @staticmethod
     def rounded(config, weight, setting, importance):
-        """The weight as the grid of `setting` rounds it, without calibration beyond `importance` (per input)."""
+        """The weight as the grid of `setting` rounds it, without calibration beyond `importance` (per input);
+        the clip search in its coarse steps only (a price, not the weight written)."""
         from ..numerics.grid import fit, quantize
 
         spec = replace(config.spec(), bits=setting[0], group_size=setting[1])
-        return quantize(weight, *fit(weight, spec, importance), spec).dequantize()
+        return quantize(weight, *fit(weight, spec, importance, fine=False), spec).dequantize()
 
     def budget(self, config, units) -> tuple[int, float]:
         """(bytes the linears may take at --target-bpw, bits per weight per byte)."""
