@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--target-bpw", type=float, metavar="B",
                     help="give each linear the bits and group size (gptq: 2/3/4/8 bits x groups 32/64/128; gguf: "
                          "the block types llama.cpp can place on it) that minimise the model's predicted loss at B "
-                         "bits per quantized weight, measured by one backward pass over 16 calibration samples; "
+                         "bits per quantized weight, measured by one backward pass over 8 calibration samples; "
                          "--bits/--group-size/--gguf-type then only name the candidates' grid and the file's mix")
     mp.add_argument("--dry-run-allocation", action="store_true",
                     help="with --target-bpw: print each linear's setting, bytes and predicted cost, write nothing")
