@@ -1,8 +1,8 @@
 """Mixed precision: the setting of each linear that minimises the model's predicted loss under a size budget.
 
-The format offers each linear its candidate settings with their exact bytes on disk (formats/registry.py,
-`choices`); sensitivity.py prices each candidate as the KL divergence its rounding error is predicted to
-cost. Linears a runtime fuses (vLLM's qkv_proj, gate_up_proj) form one unit that takes one setting.
+The format offers each linear its candidate settings with their exact bytes on disk and its own rounding
+(formats/registry.py, `candidates` and `rounded`); with sensitivity.py's statistics, `price` costs each
+candidate as the KL divergence its rounding error is predicted to cause. Linears a runtime fuses (vLLM's qkv_proj, gate_up_proj) form one unit that takes one setting.
 The allocation is a multiple-choice knapsack solved greedily on each unit's lower convex hull of
 (bytes, cost): every step takes the upgrade that buys the most predicted loss per byte while it fits,
 which is optimal for the hulls and within one upgrade of optimal for the knapsack.
@@ -15,7 +15,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from .errors import UserError
+from .numerics.kld import cost
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,20 @@ def print_plan(allocation: Allocation, describe, file=sys.stderr) -> None:
           f"bits per weight, predicted KLD {allocation.predicted:.4f}", file=file)
 
 
+def price(fmt, config, weight, H, F) -> list[Choice]:
+    """Every candidate setting the format offers for `weight`: its bytes, and the predicted cost of its rounding
+    (the format's own, weighted by the input's second moment as GPTQ and the imatrix weigh it)."""
+    importance = torch.diagonal(H)
+    return [Choice(setting, size, cost(weight - fmt.rounded(config, weight, setting, importance), H, F))
+            for setting, size in fmt.candidates(*weight.shape)]
+
+
+def budget_of(config, units: list[Unit]) -> tuple[int, float]:
+    """(bytes the linears may take at --target-bpw, bits per weight per byte)."""
+    weights = sum(u.weights for u in units)
+    return int(config.target_bpw * weights / 8), 8 / weights
+
+
 def allocate_plan(fmt, checkpoint, config, plan, samples, progress: bool = True):
     """(config, plan) of format `fmt` with each linear's setting allocated at config.target_bpw: the
     sensitivity pass prices every candidate the format offers, then `allocate` chooses."""
@@ -156,11 +173,11 @@ def allocate_plan(fmt, checkpoint, config, plan, samples, progress: bool = True)
     shapes = checkpoint.state_shapes()
     weights = {n: shapes[n + ".weight"].numel() for n in plan.targets}
     measured = measure(checkpoint, samples, set(plan.targets),
-                       lambda name, W, H, F: (fmt.choices(config, W, H, F), F.cpu()), config.device, config.seed,
+                       lambda name, W, H, F: (price(fmt, config, W, H, F), F.cpu()), config.device, config.seed,
                        progress)
     prices = {name: choices for name, (choices, _) in measured.items()}
     units = [combine(unit, prices, weights) for unit in fmt.units(checkpoint, plan)]
-    budget, scale = fmt.budget(config, units)
+    budget, scale = budget_of(config, units)
     allocation = allocate(units, budget, scale=scale)
     allocation.seconds = time.perf_counter() - start
     allocation.fisher = {name: F for name, (_, F) in measured.items()}

@@ -492,8 +492,7 @@ def cmd_inspect(args) -> None:
     if info["meta"]:
         print(f"  meta: {json.dumps(info['meta'])}")
     if info["mixed"]:
-        counts = collections.Counter(f"W{v['bits']} g{v['group_size']}" for v in info["layers"].values())
-        print(f"  mixed precision (per-layer settings in `dynamic`): {_type_summary(counts)}"
+        print(f"  mixed precision (per-layer settings in `dynamic`): {info['mixed']}"
               f"{'' if args.layers else '; --layers lists them'}")
     if args.layers:
         for name, layer in info["layers"].items():

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections import Counter
 from pathlib import Path
 
 from .errors import UserError
@@ -115,15 +114,7 @@ def settings_of(path: Path) -> dict:
             "size_bytes": info["size_bytes"], "source": meta.get("source"), "calibration": meta.get("calibration"),
             "command": meta.get("command"), "version": (meta.get("quantizer") or [None])[0],
             "bits_per_parameter": info["bits_per_parameter"], "files": [f.name for f in weight_files(path)],
-            "serving": info["serving"], "mixed": _mixed_summary(info), "target_bpw": meta.get("target_bpw")}
-
-
-def _mixed_summary(info: dict) -> str | None:
-    """'W3 g128 x74, W4 g128 x17, ...': the per-layer settings of a mixed-precision checkpoint; None if uniform."""
-    if not info.get("mixed"):
-        return None
-    counts = Counter(f"W{v['bits']} g{v['group_size']}" for v in info["layers"].values())
-    return ", ".join(f"{k} x{n}" for k, n in counts.most_common())
+            "serving": info["serving"], "mixed": info["mixed"], "target_bpw": meta.get("target_bpw")}
 
 
 def model_card(path: Path, repo_id: str | None = None, license: str | None = None, base_model: str | None = None,

@@ -39,6 +39,7 @@ def main() -> None:
     from llmquant.models.checkpoint import Checkpoint
     from llmquant.models.loader import load_float_model
     from llmquant.pipeline import calibration_samples
+    from llmquant.allocation import price
     from llmquant.sensitivity import measure
 
     config = QuantConfig(format=args.format, calib=args.calib, target_bpw=4.0)
@@ -47,7 +48,7 @@ def main() -> None:
     names = {checkpoint.adapter.block_prefix(i) + n for i in layers for n in checkpoint.adapter.linears()}
     samples, _ = calibration_samples(config, checkpoint, checkpoint.tokenizer())
     priced = measure(checkpoint, samples, names,
-                     lambda n, W, H, F: (fmt.choices(config, W, H, F), torch.diagonal(H).clone()))
+                     lambda n, W, H, F: (price(fmt, config, W, H, F), torch.diagonal(H).clone()))
     model, tokenizer = load_float_model(checkpoint.path)[:2]
     model = model.float().eval()
     windows = token_windows(tokenizer, open(args.data).read(), 1024, args.windows)

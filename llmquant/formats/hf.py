@@ -12,6 +12,7 @@ import json
 import math
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -411,9 +412,15 @@ def describe(path: Path) -> dict:
         "bpw": 8 * quant_bytes / weights if weights else None, "parameters": params,
         "bits_per_parameter": 8 * size / params if params else None, "meta": q.get("meta", {}),
         "serving": [r.to_dict() for r in runtimes(q, sorted(shapes))],
-        "mixed": len({(v["bits"], v["group_size"]) for v in settings.values()}) > 1,
+        "mixed": _settings_summary(settings),
         "layers": _with_costs(path, settings),
     }
+
+
+def _settings_summary(settings: dict[str, dict]) -> str | None:
+    """'W3 g128 x103, W4 g128 x39, ...': the per-layer settings of a mixed-precision checkpoint; None if uniform."""
+    counts = Counter(f"W{v['bits']} g{v['group_size']}" for v in settings.values())
+    return ", ".join(f"{k} x{n}" for k, n in counts.most_common()) if len(counts) > 1 else None
 
 
 def _with_costs(path: Path, settings: dict[str, dict]) -> dict[str, dict]:

@@ -81,16 +81,11 @@ class IntegerLayout:
                 for group in adapter.for_block(i).sequential
                 if (unit := tuple(adapter.block_prefix(i) + n for n in group if adapter.block_prefix(i) + n in targets))]
 
-    def choices(self, config, weight, H, F) -> list:
-        """Each (bits, group size) the layout can pack this weight with: its bytes, and the predicted cost of
-        the grid's rounding error (a range search weighted by the input's second moment, as GPTQ's)."""
-        from ..allocation import Choice
-        from ..numerics.kld import cost
+    def candidates(self, out_f: int, in_f: int) -> list[tuple[tuple[int, int], int]]:
+        """(setting, bytes) for each (bits, group size) the layout can pack a weight [out_f, in_f] with."""
         from .hf import packed_bytes
 
-        out_f, in_f = weight.shape
-        return [Choice((bits, group), packed_bytes(in_f, out_f, bits, group, self.name),
-                       cost(weight - self.rounded(config, weight, (bits, group), torch.diagonal(H)), H, F))
+        return [((bits, group), packed_bytes(in_f, out_f, bits, group, self.name))
                 for bits in self.MIXED_BITS for group in self.MIXED_GROUPS
                 if packable(in_f, out_f, bits, self.name, group)]
 
@@ -102,11 +97,6 @@ class IntegerLayout:
 
         spec = replace(config.spec(), bits=setting[0], group_size=setting[1])
         return quantize(weight, *fit(weight, spec, importance, fine=False), spec).dequantize()
-
-    def budget(self, config, units) -> tuple[int, float]:
-        """(bytes the linears may take at --target-bpw, bits per weight per byte)."""
-        weights = sum(u.weights for u in units)
-        return int(config.target_bpw * weights / 8), 8 / weights
 
     @staticmethod
     def describe(setting) -> str:
@@ -207,29 +197,22 @@ class GGUFFile:
             units.setdefault(plan.names[name + ".weight"], []).append(name)
         return [tuple(names) for names in units.values()]
 
-    def choices(self, config, weight, H, F) -> list:
-        """Each block type llama-quantize can place on this weight (K-types need rows of whole 256-wide
-        super-blocks): its bytes, and the predicted cost of its encoding weighted by the input's second moment
-        (the imatrix)."""
+    def candidates(self, out_f: int, in_f: int) -> list[tuple[object, int]]:
+        """(type, bytes) for each block type llama-quantize can place on a weight [out_f, in_f] (K-types need
+        rows of whole 256-wide super-blocks)."""
         from gguf import GGML_QUANT_SIZES
 
-        from ..allocation import Choice
-        from ..numerics.kld import cost
         from .gguf.mixes import MIXED_TYPES
 
-        out_f, in_f = weight.shape
-        return [Choice(kind, out_f * in_f // GGML_QUANT_SIZES[kind][0] * GGML_QUANT_SIZES[kind][1],
-                       cost(weight - self.rounded(config, weight, kind, torch.diagonal(H)), H, F))
+        return [(kind, out_f * in_f // GGML_QUANT_SIZES[kind][0] * GGML_QUANT_SIZES[kind][1])
                 for kind in MIXED_TYPES if in_f % GGML_QUANT_SIZES[kind][0] == 0]
 
     @staticmethod
     def rounded(config, weight, kind, importance):
-        """The weight as block type `kind` encodes it, weighted by `importance` (per input: an imatrix)."""
+        """The weight as block type `kind` encodes it, weighted by `importance` (per input: the imatrix)."""
         from ..numerics.ggml import CODECS, BlockTensor
 
         return BlockTensor(kind, CODECS[kind.name].quantize(weight, importance), weight.shape[1]).dequantize()
-
-    budget = IntegerLayout.budget
 
     @staticmethod
     def describe(kind) -> str:
